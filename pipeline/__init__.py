@@ -1,0 +1,1 @@
+"""Composes the image-embedding pipeline: options, model registry, entry point."""

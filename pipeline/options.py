@@ -1,0 +1,158 @@
+"""Command-line options: the project's own, parsed here; every other flag goes to Beam untouched."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Optional, Sequence
+
+from pipeline.models import CUSTOM_MODEL, MODELS, ModelSpec, resolve_model
+from transforms.decode import RESIZE_MODES, PreprocessConfig
+from transforms.embed import EmbedConfig
+from transforms.uri_reader import ReadConfig
+
+DEFAULT_MODEL = "mobilenet_v2_130_224"
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConfig:
+    """Everything one run needs, resolved and validated."""
+
+    input: str
+    output_dir: str
+    model: ModelSpec
+    preprocess: PreprocessConfig
+    read: ReadConfig
+    embed: EmbedConfig
+    overwrite: bool
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    models = ", ".join(f"{m.name} ({m.input_size}x{m.input_size}, {m.dim}-dim)" for m in MODELS.values())
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.run",
+        description="Embed images with a TF Hub feature-vector model on Apache Beam; write Parquet.",
+        epilog="Every other flag is a Beam pipeline option and is passed through "
+        "(--runner, --direct_num_workers, --temp_location, --project, ...).",
+        allow_abbrev=False,  # never swallow a Beam flag by prefix
+    )
+    io = parser.add_argument_group("input and output")
+    io.add_argument(
+        "--input",
+        required=True,
+        help="A manifest (.txt: one URI a line; .csv/.tsv/.jsonl/.parquet with a 'uri' and optional 'id' column) "
+        "or a glob of image files ('/data/**/*.jpg', 'gs://bucket/imgs/*.jpg'). Without an id the id is the URI.",
+    )
+    io.add_argument("--output", required=True, help="Output directory (local, gs://, s3://).")
+    io.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace the outputs of an earlier run in --output (default: refuse to mix runs).",
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"Registry model: {models}; or '{CUSTOM_MODEL}' with --model_handle, --image_size and --embedding_dim. "
+        f"Default: {DEFAULT_MODEL}.",
+    )
+    model.add_argument(
+        "--model_handle",
+        help="Where the weights come from: a tfhub.dev / Kaggle URL, a gs:// path or a local SavedModel "
+        "directory (default: the registry's). A handle is code: use trusted sources only.",
+    )
+    model.add_argument("--image_size", type=_positive_int, help="Input side for resizable or custom models.")
+    model.add_argument("--embedding_dim", type=_positive_int, help="Output dim of a custom model.")
+    prep = parser.add_argument_group("preprocessing")
+    prep.add_argument(
+        "--resize_mode",
+        choices=RESIZE_MODES,
+        default="stretch",
+        help="stretch: resize the whole image to the square (default); center_crop: crop the central square first.",
+    )
+    prep.add_argument(
+        "--max_image_pixels",
+        type=_positive_int,
+        default=PreprocessConfig.max_pixels,
+        help="Reject images whose header declares more pixels (decompression bombs). Default: %(default)s.",
+    )
+    prep.add_argument(
+        "--max_image_bytes",
+        type=_positive_int,
+        default=ReadConfig.max_bytes,
+        help="Reject files larger than this. Default: %(default)s.",
+    )
+    prep.add_argument(
+        "--allow_truncated_images",
+        action="store_true",
+        help="Embed truncated images with their missing part grey (default: report them as errors).",
+    )
+    prep.add_argument("--http_timeout", type=_positive_float, default=ReadConfig.http_timeout_s,
+                      help="Seconds to connect and between bytes for http(s) URIs. Default: %(default)s.")
+    prep.add_argument("--http_retries", type=_non_negative_int, default=ReadConfig.http_retries,
+                      help="Retries, with backoff, of an http(s) read after a reset, timeout or 5xx (never 4xx). "
+                      "Default: %(default)s.")
+    perf = parser.add_argument_group("inference")
+    perf.add_argument("--batch_size", type=_positive_int, default=EmbedConfig.batch_size,
+                      help="Images per model call. Default: %(default)s.")
+    perf.add_argument("--tf_intra_op_threads", type=_non_negative_int, default=0,
+                      help="TensorFlow intra-op threads per worker process (0: TensorFlow's default, all cores).")
+    perf.add_argument("--tf_inter_op_threads", type=_non_negative_int, default=0,
+                      help="TensorFlow inter-op threads per worker process (0: TensorFlow's default).")
+    perf.add_argument("--large_model", action="store_true",
+                      help="Load one model per machine, shared by its worker processes, instead of one per process.")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[JobConfig, list[str]]:
+    """Returns the job's config and the remaining (Beam) arguments; bad options exit with a message."""
+    parser = build_parser()
+    args, beam_args = parser.parse_known_args(argv)
+    try:
+        spec = resolve_model(args.model, args.model_handle, args.image_size, args.embedding_dim)
+    except ValueError as exc:
+        parser.error(str(exc))
+    config = JobConfig(
+        input=args.input,
+        output_dir=args.output.rstrip("/") or "/",
+        model=spec,
+        preprocess=PreprocessConfig(
+            image_size=spec.input_size,
+            resize_mode=args.resize_mode,
+            max_pixels=args.max_image_pixels,
+            allow_truncated=args.allow_truncated_images,
+        ),
+        read=ReadConfig(max_bytes=args.max_image_bytes, http_timeout_s=args.http_timeout, http_retries=args.http_retries),
+        embed=EmbedConfig(
+            handle=spec.handle,
+            image_size=spec.input_size,
+            dim=spec.dim,
+            batch_size=args.batch_size,
+            intra_op_threads=args.tf_intra_op_threads,
+            inter_op_threads=args.tf_inter_op_threads,
+            large_model=args.large_model,
+        ),
+        overwrite=args.overwrite,
+    )
+    return config, beam_args

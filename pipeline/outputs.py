@@ -1,0 +1,87 @@
+"""The output directory: checked before a run, described after it."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import uuid
+
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from transforms.sink import EMBEDDINGS_PREFIX, ERRORS_PREFIX, METADATA_PREFIX, PARQUET_SUFFIX
+
+
+class OutputDirError(ValueError):
+    """The output directory cannot take this run's results."""
+
+
+def _output_files(output_dir: str, prefix: str) -> list[str]:
+    pattern = FileSystems.join(output_dir, f"{prefix}-*{PARQUET_SUFFIX}")
+    try:
+        return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+    except Exception:  # a missing directory matches nothing
+        return []
+
+
+def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
+    """Creates `output_dir`, proves it writable, and refuses (or, with overwrite, removes) earlier results.
+
+    Mixing two runs' shards in one directory would silently double or lose rows for every reader.
+    """
+    previous = _output_files(output_dir, EMBEDDINGS_PREFIX) + _output_files(output_dir, ERRORS_PREFIX)
+    if previous and not overwrite:
+        raise OutputDirError(
+            f"{output_dir} already holds the results of an earlier run ({len(previous)} Parquet files); "
+            f"choose a new --output or pass --overwrite to replace them."
+        )
+    probe = FileSystems.join(output_dir, f".write-probe-{uuid.uuid4().hex}")
+    try:
+        if not FileSystems.exists(output_dir):
+            FileSystems.mkdirs(output_dir)
+        with FileSystems.create(probe, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            f.write(b"ok")
+        FileSystems.delete([probe])
+    except Exception as exc:
+        raise OutputDirError(f"Cannot write to --output {output_dir}: {' '.join(str(exc).split())}") from None
+    if previous:
+        FileSystems.delete(previous)
+
+
+@dataclasses.dataclass
+class OutputSummary:
+    embedded: int
+    dim: int
+    errors_by_stage: dict
+    metadata: dict
+    embedding_files: list
+    error_files: list
+
+    @property
+    def errors(self) -> int:
+        return sum(self.errors_by_stage.values())
+
+
+def summarize_outputs(output_dir: str) -> OutputSummary:
+    """Reads back what a run wrote: row counts, dim, failures by stage and the model metadata."""
+    import pyarrow.parquet as pq
+
+    embedded, dim, metadata = 0, 0, {}
+    embedding_files = _output_files(output_dir, EMBEDDINGS_PREFIX)
+    for path in embedding_files:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            parquet = pq.ParquetFile(f)
+            embedded += parquet.metadata.num_rows
+            schema = parquet.schema_arrow
+            dim = schema.field("embedding").type.list_size
+            metadata = {
+                key.decode()[len(METADATA_PREFIX):]: value.decode()
+                for key, value in (schema.metadata or {}).items()
+                if key.decode().startswith(METADATA_PREFIX)
+            }
+    stages = collections.Counter()
+    error_files = _output_files(output_dir, ERRORS_PREFIX)
+    for path in error_files:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            stages.update(pq.read_table(f, columns=["stage"]).column("stage").to_pylist())
+    return OutputSummary(embedded, dim, dict(stages), metadata, embedding_files, error_files)

@@ -1,0 +1,1 @@
+"""The pipeline's stages, one file each: source, decode, embed, sink."""

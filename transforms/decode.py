@@ -1,0 +1,159 @@
+"""Decode and resize: URI -> compact uint8 RGB pixels at the model's input size.
+
+`decode_image` is the single definition of the preprocessing; the DoFn, the stand-in calibration,
+the tests and the benchmarks all call it, so "the same preprocessed pixels" means the same code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+
+from transforms.records import FAILED, DecodedImage, Failure, ImageRef, Stage, describe_exception
+from transforms.uri_reader import ReadConfig, ReadError, read_uri
+
+SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
+RESIZE_MODES = ("stretch", "center_crop")
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+    """How bytes become pixels. Recorded in the Parquet metadata, so every field is part of the result."""
+
+    image_size: int
+    resize_mode: str = "stretch"
+    max_pixels: int = 100_000_000
+    allow_truncated: bool = False
+    background: tuple = (255, 255, 255)
+
+    def describe(self) -> str:
+        return (
+            f"decode(first frame, EXIF orientation applied, alpha over rgb{self.background}, "
+            f"max {self.max_pixels} px, truncated {'accepted' if self.allow_truncated else 'rejected'}) "
+            f"-> RGB uint8 -> {self.resize_mode} to {self.image_size}x{self.image_size} "
+            f"(PIL bicubic, antialiased; JPEG DCT-scaled first) -> float32 / 255 in [0, 1]"
+        )
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image this pipeline can embed; the message says why."""
+
+
+def decode_image(data: bytes, config: PreprocessConfig) -> np.ndarray:
+    """Decodes image bytes into uint8 [size, size, 3] RGB.
+
+    Pixel count is checked from the header before any pixel is allocated (decompression bombs).
+    """
+    from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise ImageDecodeError("The file is empty (0 bytes).")
+    Image.init()  # registers every plugin (WEBP, TIFF); a no-op after the first call
+    try:
+        image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+    except UnidentifiedImageError:
+        raise ImageDecodeError(
+            f"Not a supported image (supported: {', '.join(SUPPORTED_FORMATS)}); it starts with {data[:12]!r}."
+        ) from None
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"Rejected as a decompression bomb: {exc}") from None
+    with image:
+        width, height = image.size
+        if width * height > config.max_pixels:
+            raise ImageDecodeError(
+                f"The image declares {width}x{height} = {width * height} pixels, over the "
+                f"{config.max_pixels}-pixel limit (--max_image_pixels)."
+            )
+        if width < 1 or height < 1:
+            raise ImageDecodeError(f"The image declares an empty size {width}x{height}.")
+        if image.format in ("JPEG", "MPO"):
+            # Decode straight to the smallest DCT scale still at least the target size in both sides.
+            image.draft(image.mode, (config.image_size, config.image_size))
+        previous_truncated_setting = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = config.allow_truncated
+        try:
+            image.load()
+        except OSError as exc:
+            raise ImageDecodeError(f"The image data is corrupt or truncated ({' '.join(str(exc).split())}).") from None
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous_truncated_setting
+        upright = ImageOps.exif_transpose(image)
+        rgb = _to_rgb(upright, config.background)
+        if config.resize_mode == "center_crop":
+            resized = ImageOps.fit(rgb, (config.image_size,) * 2, method=Image.Resampling.BICUBIC)
+        else:
+            resized = rgb.resize((config.image_size,) * 2, Image.Resampling.BICUBIC)
+        return np.asarray(resized, dtype=np.uint8)
+
+
+def _to_rgb(image, background: tuple):
+    """Any PIL mode -> 8-bit RGB: 16-bit scaled (not clipped), alpha composited over `background`."""
+    from PIL import Image
+
+    if image.mode.startswith("I"):  # 16/32-bit integer greyscale; PIL's convert("L") would clip
+        values = np.asarray(image).astype(np.float64)
+        scale = 255.0 / (65535.0 if values.max(initial=0) > 255 or image.mode.startswith("I;16") else 255.0)
+        image = Image.fromarray(np.clip(values * scale + 0.5, 0, 255).astype(np.uint8), "L")
+    elif image.mode == "F":
+        image = Image.fromarray(np.clip(np.asarray(image) * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+class DecodeImagesFn(beam.DoFn):
+    """ImageRef -> DecodedImage; unreadable or undecodable inputs go to the FAILED output."""
+
+    def __init__(self, preprocess: PreprocessConfig, read: ReadConfig):
+        self._preprocess = preprocess
+        self._read = read
+        self._decoded = Metrics.counter("embeddings", "decoded")
+        self._read_errors = Metrics.counter("embeddings", "read_errors")
+        self._decode_errors = Metrics.counter("embeddings", "decode_errors")
+
+    def setup(self):
+        from PIL import Image
+
+        # Our own limit (checked from the header) replaces PIL's global one, which would otherwise
+        # warn or raise at a fixed 89 / 179 megapixels whatever --max_image_pixels says.
+        Image.MAX_IMAGE_PIXELS = None
+
+    def process(self, ref: ImageRef):
+        try:
+            data = read_uri(ref.uri, self._read)
+        except ReadError as exc:
+            self._read_errors.inc()
+            yield beam.pvalue.TaggedOutput(FAILED, Failure(ref.id, ref.uri, Stage.READ, str(exc)))
+            return
+        try:
+            pixels = decode_image(data, self._preprocess)
+        except ImageDecodeError as exc:
+            error = str(exc)
+        except MemoryError:
+            raise
+        except Exception as exc:  # corrupt files make PIL raise many types; each is this input's fault
+            error = f"The image could not be decoded ({describe_exception(exc)})."
+        else:
+            self._decoded.inc()
+            yield DecodedImage(ref.id, ref.uri, pixels)
+            return
+        self._decode_errors.inc()
+        yield beam.pvalue.TaggedOutput(FAILED, Failure(ref.id, ref.uri, Stage.DECODE, error))
+
+
+class DecodeImages(beam.PTransform):
+    """PCollection[ImageRef] -> {main: DecodedImage, FAILED: Failure}."""
+
+    def __init__(self, preprocess: PreprocessConfig, read: ReadConfig = ReadConfig()):
+        super().__init__()
+        self._fn = DecodeImagesFn(preprocess, read)
+
+    def expand(self, refs):
+        return refs | "DecodeAndResize" >> beam.ParDo(self._fn).with_outputs(FAILED, main="decoded")

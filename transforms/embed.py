@@ -1,0 +1,145 @@
+"""Embed: batched inference through Beam's RunInference with a TF Hub model handler of our own.
+
+RunInference keeps one loaded model per worker process (Beam's `Shared` handle), batches the
+elements and records latency and batch-size metrics. The handler loads with `hub.load`, which works
+under Keras 3, unlike Beam's stock TF handler (it calls `tf.keras.models.load_model`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Iterable, NamedTuple, Optional, Sequence, Union
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.ml.inference.base import ModelHandler, RunInference
+
+from transforms.records import FAILED, DecodedImage, Failure, Stage, describe_exception
+
+
+class Embedding(NamedTuple):
+    id: str
+    uri: str
+    vector: np.ndarray  # float32 [dim]
+
+
+class ModelOutputError(RuntimeError):
+    """The model's output does not match its declared dim: a configuration error, not a data error."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedConfig:
+    handle: str
+    image_size: int
+    dim: int
+    batch_size: int = 32
+    intra_op_threads: int = 0  # 0: TensorFlow's default
+    inter_op_threads: int = 0
+    large_model: bool = False  # one model per machine, shared by its worker processes
+
+
+class HubEmbedder:
+    """A loaded hub feature-vector model that takes uint8 pixels and returns float32 vectors.
+
+    The uint8 -> float32 [0, 1] conversion is part of the traced graph: pixels stay compact until the
+    model needs them.
+    """
+
+    def __init__(self, config: EmbedConfig):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import tensorflow as tf
+        import tensorflow_hub as hub
+
+        _configure_threads(tf, config.intra_op_threads, config.inter_op_threads)
+        self._dim = config.dim
+        self._module = hub.load(config.handle)
+        module = self._module
+
+        @tf.function(input_signature=[tf.TensorSpec([None, config.image_size, config.image_size, 3], tf.uint8)])
+        def embed(pixels):
+            return module(tf.cast(pixels, tf.float32) / 255.0)
+
+        self._embed = embed
+
+    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        vectors = self._embed(pixels).numpy()
+        if vectors.ndim != 2 or vectors.shape != (len(pixels), self._dim):
+            raise ModelOutputError(
+                f"The model returned shape {list(vectors.shape)} for {len(pixels)} images; "
+                f"expected [{len(pixels)}, {self._dim}] (declared dim {self._dim})."
+            )
+        return vectors
+
+
+def _configure_threads(tf, intra: int, inter: int) -> None:
+    try:
+        if intra:
+            tf.config.threading.set_intra_op_parallelism_threads(intra)
+        if inter:
+            tf.config.threading.set_inter_op_parallelism_threads(inter)
+    except RuntimeError:  # TF already initialised in this process (e.g. by the launcher's model check)
+        logging.info("TensorFlow thread settings already fixed in this process; keeping them.")
+
+
+class HubModelHandler(ModelHandler[DecodedImage, Union[Embedding, Failure], HubEmbedder]):
+    """RunInference handler: DecodedImage batches -> Embedding, or Failure for images the model rejects."""
+
+    def __init__(self, config: EmbedConfig):
+        super().__init__(
+            min_batch_size=config.batch_size, max_batch_size=config.batch_size, large_model=config.large_model
+        )
+        self._config = config
+
+    def load_model(self) -> HubEmbedder:
+        return HubEmbedder(self._config)
+
+    def run_inference(
+        self, batch: Sequence[DecodedImage], model: HubEmbedder, inference_args: Optional[dict] = None
+    ) -> Iterable[Union[Embedding, Failure]]:
+        try:
+            vectors = model(np.stack([image.pixels for image in batch]))
+        except ModelOutputError:
+            raise
+        except Exception:
+            # One bad image must not take its batch down: retry image by image, report only failures.
+            return [self._embed_alone(image, model) for image in batch]
+        return [Embedding(image.id, image.uri, vector) for image, vector in zip(batch, vectors)]
+
+    @staticmethod
+    def _embed_alone(image: DecodedImage, model: HubEmbedder) -> Union[Embedding, Failure]:
+        try:
+            return Embedding(image.id, image.uri, model(image.pixels[np.newaxis])[0])
+        except ModelOutputError:
+            raise
+        except Exception as exc:
+            return Failure(image.id, image.uri, Stage.EMBED, f"The model failed on this image ({describe_exception(exc)}).")
+
+    def get_num_bytes(self, batch: Sequence[DecodedImage]) -> int:
+        return sum(image.pixels.nbytes for image in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "embeddings"
+
+
+def _route(result: Union[Embedding, Failure]):
+    if isinstance(result, Failure):
+        yield beam.pvalue.TaggedOutput(FAILED, result)
+    else:
+        yield result
+
+
+class EmbedImages(beam.PTransform):
+    """PCollection[DecodedImage] -> {main: Embedding, FAILED: Failure}."""
+
+    def __init__(self, config: EmbedConfig):
+        super().__init__()
+        self._handler = HubModelHandler(config)
+
+    def expand(self, images):
+        return (
+            images
+            | "RunInference" >> RunInference(self._handler)
+            | "Route" >> beam.FlatMap(_route).with_outputs(FAILED, main="embeddings")
+        )

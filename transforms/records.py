@@ -1,0 +1,49 @@
+"""The elements that flow between stages, and the failure record every stage can emit."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+# Tag of the side output on which a stage emits the inputs it could not process.
+FAILED = "failed"
+
+
+class Stage:
+    """Where an input failed; the `stage` column of errors-*.parquet."""
+
+    MANIFEST = "manifest"  # unusable manifest row, or a duplicate id
+    READ = "read"  # the bytes could not be fetched
+    DECODE = "decode"  # the bytes are not a supported, sane image
+    EMBED = "embed"  # the model failed on this image
+
+
+class ImageRef(NamedTuple):
+    """One input: an id (unique in the output) and the URI its bytes are read from."""
+
+    id: str
+    uri: str
+
+
+class DecodedImage(NamedTuple):
+    """Pixels ready for the model: uint8 [size, size, 3] RGB (compact; floats only inside the model)."""
+
+    id: str
+    uri: str
+    pixels: np.ndarray
+
+
+class Failure(NamedTuple):
+    """An input that was not embedded, with one readable sentence saying why."""
+
+    id: str
+    uri: str
+    stage: str
+    error: str
+
+
+def describe_exception(exc: BaseException) -> str:
+    """One readable line for an exception: its type and message, without a traceback."""
+    message = " ".join(str(exc).split()) or "no details"
+    return f"{type(exc).__name__}: {message}"

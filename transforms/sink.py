@@ -1,0 +1,107 @@
+"""Sink: Parquet files of embeddings and of failures, with the model and preprocessing in the metadata.
+
+    OUT_DIR/embeddings-SSSSS-of-NNNNN.parquet   id string not null, uri string,
+                                                embedding fixed_size_list<float32>[dim]
+    OUT_DIR/errors-SSSSS-of-NNNNN.parquet       id, uri, stage, error (all strings)
+
+Rows are converted to Arrow in batches (one numpy concatenate per batch, no per-float Python work)
+and written with Beam's file sink, which writes temporary files and renames them only when the
+whole write has succeeded.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+
+from transforms.embed import Embedding
+from transforms.records import Failure
+
+EMBEDDINGS_PREFIX = "embeddings"
+ERRORS_PREFIX = "errors"
+PARQUET_SUFFIX = ".parquet"
+METADATA_PREFIX = "embedding."
+_ROWS_PER_TABLE = 1024
+
+
+def embeddings_schema(dim: int, metadata: Mapping[str, str]) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("uri", pa.string()),
+            pa.field("embedding", pa.list_(pa.float32(), dim)),
+        ],
+        metadata={f"{METADATA_PREFIX}{key}": str(value) for key, value in metadata.items()},
+    )
+
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("uri", pa.string()),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("error", pa.string(), nullable=False),
+    ]
+)
+
+
+def embeddings_table(rows: Sequence[Embedding], schema: pa.Schema) -> pa.Table:
+    dim = schema.field("embedding").type.list_size
+    flat = np.concatenate([np.asarray(row.vector, np.float32).reshape(-1) for row in rows])
+    if flat.size != dim * len(rows):
+        raise ValueError(f"Embeddings do not all have {dim} values.")
+    return pa.Table.from_arrays(
+        [
+            pa.array([row.id for row in rows], pa.string()),
+            pa.array([row.uri for row in rows], pa.string()),
+            pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim),
+        ],
+        schema=schema,
+    )
+
+
+def errors_table(rows: Sequence[Failure], schema: pa.Schema = ERRORS_SCHEMA) -> pa.Table:
+    return pa.Table.from_pylist([row._asdict() for row in rows], schema=schema)
+
+
+class _WriteParquet(beam.PTransform):
+    def __init__(self, path_prefix: str, schema: pa.Schema, to_table):
+        super().__init__()
+        self._path_prefix = path_prefix
+        self._schema = schema
+        self._to_table = to_table
+
+    def expand(self, rows):
+        schema, to_table = self._schema, self._to_table
+        return (
+            rows
+            | "Batch" >> beam.BatchElements(min_batch_size=_ROWS_PER_TABLE, max_batch_size=_ROWS_PER_TABLE)
+            | "ToArrow" >> beam.Map(lambda batch: to_table(batch, schema))
+            | "Write"
+            >> beam.io.WriteToParquetBatched(
+                self._path_prefix, schema, codec="snappy", file_name_suffix=PARQUET_SUFFIX
+            )
+        )
+
+
+class WriteEmbeddings(_WriteParquet):
+    """PCollection[Embedding] -> OUT_DIR/embeddings-*.parquet."""
+
+    def __init__(self, output_dir: str, dim: int, metadata: Mapping[str, str]):
+        from apache_beam.io.filesystems import FileSystems
+
+        super().__init__(
+            FileSystems.join(output_dir, EMBEDDINGS_PREFIX), embeddings_schema(dim, metadata), embeddings_table
+        )
+
+
+class WriteErrors(_WriteParquet):
+    """PCollection[Failure] -> OUT_DIR/errors-*.parquet."""
+
+    def __init__(self, output_dir: str):
+        from apache_beam.io.filesystems import FileSystems
+
+        super().__init__(FileSystems.join(output_dir, ERRORS_PREFIX), ERRORS_SCHEMA, errors_table)
