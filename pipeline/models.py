@@ -142,3 +142,27 @@ def hub_host_reachable(handle: str, timeout_s: float = 5.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def handle_available(handle: str, timeout_s: float = 5.0) -> bool:
+    """Whether `handle` can be loaded without waiting on an unreachable network."""
+    if not is_remote_hub_handle(handle):
+        return True
+    return is_cached_in_hub_cache(handle) or hub_host_reachable(handle, timeout_s)
+
+
+def main(argv=None) -> int:
+    """`python -m pipeline.models --available NAME`: exit 0 when NAME's default handle is reachable."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Model registry checks for scripts.")
+    parser.add_argument("--available", metavar="MODEL", choices=sorted(MODELS), required=True)
+    args = parser.parse_args(argv)
+    handle = MODELS[args.available].handle
+    available = handle_available(handle)
+    print(handle if available else f"unreachable: {handle}")
+    return 0 if available else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

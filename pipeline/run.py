@@ -16,7 +16,7 @@ import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.embed_pipeline import build_pipeline
-from pipeline.models import hub_host_reachable, is_cached_in_hub_cache, is_remote_hub_handle
+from pipeline.models import handle_available
 from pipeline.options import JobConfig, parse_args
 from pipeline.outputs import OutputDirError, OutputSummary, prepare_output_dir, summarize_outputs
 from pipeline.standin_models import STANDIN_WARNING, standin_info
@@ -32,7 +32,7 @@ class ModelCheckError(RuntimeError):
 def check_model(config: EmbedConfig) -> None:
     """Loads the model once in the launcher and embeds one blank image: [1, dim] or a clear error."""
     handle = config.handle
-    if is_remote_hub_handle(handle) and not is_cached_in_hub_cache(handle) and not hub_host_reachable(handle):
+    if not handle_available(handle):
         raise ModelCheckError(
             f"Cannot reach the host of model handle {handle} (and it is not in TFHUB_CACHE_DIR). "
             f"Use a reachable handle, a gs:// copy or a local SavedModel directory (--model_handle)."

@@ -29,7 +29,7 @@ from pipeline.models import MODELS, ModelSpec
 STANDIN_MARKER = "standin.json"
 STANDIN_WARNING = "random-weight stand-in model: embeddings are NOT meaningful"
 # Bump when the exported graph or calibration changes, so cached stand-ins are rebuilt.
-STANDIN_FORMAT_VERSION = 1
+STANDIN_FORMAT_VERSION = 2
 
 
 def standin_info(handle: str) -> dict | None:
@@ -107,9 +107,14 @@ def _hub_style_module(network):
     class HubStyleModule(tf.Module):
         """TF Hub reusable-SavedModel face: __call__(images, training), variables, regularization_losses."""
 
+        # Plain attributes shadow tf.Module's computed properties so that they are saved, as in hub modules.
+        variables = trainable_variables = regularization_losses = ()
+
         def __init__(self, network):
             super().__init__()
             self._network = network
+            self.variables = list(network.variables)
+            self.trainable_variables = list(network.trainable_variables)
             self.regularization_losses = []
 
         @tf.function

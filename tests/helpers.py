@@ -1,0 +1,52 @@
+"""Shared test helpers: real photos, image files in every format, running the pipeline, reading outputs."""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLES = os.path.join(REPO, "samples")
+PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "retina", "hubble_deep_field", "horse")
+
+
+def photo(name: str) -> np.ndarray:
+    """A real photo shipped with scikit-image, as uint8 RGB."""
+    import skimage.data
+
+    path = next(p for p in glob.glob(os.path.join(os.path.dirname(skimage.data.__file__), name + ".*")))
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def encode(pixels_or_image, fmt: str, **save_args) -> bytes:
+    image = pixels_or_image if isinstance(pixels_or_image, Image.Image) else Image.fromarray(pixels_or_image)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save_args)
+    return buffer.getvalue()
+
+
+def run_pipeline(*args: str) -> int:
+    """Runs `python -m pipeline.run ARGS` in this process (model checks stay cached between tests)."""
+    from pipeline.run import main
+
+    return main(list(args))
+
+
+def read_embeddings(out_dir: str) -> pa.Table:
+    return pa.concat_tables([pq.read_table(p) for p in sorted(glob.glob(os.path.join(out_dir, "embeddings-*.parquet")))])
+
+
+def read_errors(out_dir: str) -> pa.Table:
+    return pa.concat_tables([pq.read_table(p) for p in sorted(glob.glob(os.path.join(out_dir, "errors-*.parquet")))])
+
+
+def vectors_by_id(table: pa.Table) -> dict[str, np.ndarray]:
+    dim = table.schema.field("embedding").type.list_size
+    matrix = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)
+    return dict(zip(table.column("id").to_pylist(), matrix))
