@@ -58,7 +58,8 @@ def output_metadata(config: JobConfig) -> dict[str, str]:
     }
 
 
-def print_summary(config: JobConfig, summary: OutputSummary, out=sys.stdout) -> None:
+def print_summary(config: JobConfig, summary: OutputSummary) -> None:
+    out = sys.stdout
     print(f"Embedded {summary.embedded} images ({config.model.name}, dim {summary.dim}) into "
           f"{config.output_dir}/embeddings-*.parquet", file=out)
     if summary.errors:

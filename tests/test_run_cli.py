@@ -1,0 +1,108 @@
+"""The command line: documented options, and clear errors before any work starts."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import REPO, SAMPLES, read_embeddings, read_errors, run_pipeline
+from pipeline.options import build_parser
+
+
+def test_help_documents_every_project_option():
+    text = build_parser().format_help()
+    for flag in ("--input", "--output", "--overwrite", "--model", "--model_handle", "--image_size", "--embedding_dim",
+                 "--resize_mode", "--max_image_pixels", "--max_image_bytes", "--allow_truncated_images",
+                 "--http_timeout", "--http_retries", "--batch_size", "--tf_intra_op_threads",
+                 "--tf_inter_op_threads", "--large_model"):
+        assert flag in text
+    assert "Beam pipeline option" in text
+
+
+def test_help_runs_as_a_module():
+    result = subprocess.run([sys.executable, "-m", "pipeline.run", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0 and "mobilenet_v2_130_224 (224x224, 1664-dim)" in " ".join(result.stdout.split())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "resnet50"], "Unknown model 'resnet50'"),
+    (["--model", "mobilenet_v2_130_224", "--image_size", "299"], "fixed 224x224"),
+    (["--batch_size", "0"], "must be a positive integer"),
+])
+def test_bad_options_exit_with_a_message(tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run_pipeline("--input", f"{SAMPLES}/*", "--output", str(tmp_path), *args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_handle_that_does_not_exist_is_a_clear_error(tmp_path, capsys):
+    code = run_pipeline("--input", f"{SAMPLES}/*", "--output", str(tmp_path / "o"),
+                        "--model_handle", str(tmp_path / "no-such-model"))
+    assert code == 2
+    assert f"Model handle {tmp_path / 'no-such-model'} is not a usable feature-vector model" in capsys.readouterr().err
+
+
+def test_an_unreachable_hub_is_a_clear_error_and_never_a_fallback(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TFHUB_CACHE_DIR", str(tmp_path / "empty-cache"))
+    code = run_pipeline("--input", f"{SAMPLES}/*", "--output", str(tmp_path / "o"),
+                        "--model_handle", "https://hub.invalid/google/imagenet/mobilenet_v2_130_224/feature_vector/4")
+    assert code == 2 and "Cannot reach the host of model handle https://hub.invalid/" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "o" / "embeddings-00000-of-00001.parquet")
+
+
+def test_a_model_whose_output_dim_differs_from_the_declared_one_is_refused(tmp_path, capsys, mobilenet_handle):
+    code = run_pipeline("--input", f"{SAMPLES}/*", "--output", str(tmp_path / "o"), "--model", "custom",
+                        "--model_handle", mobilenet_handle, "--image_size", "224", "--embedding_dim", "1000")
+    assert code == 2 and "expected [1, 1000] (declared dim 1000)" in capsys.readouterr().err
+
+
+def test_a_manifest_without_uri_column_is_refused_before_the_run(tmp_path, capsys, mobilenet_handle):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,path\n1,/x.jpg\n")
+    code = run_pipeline("--input", str(manifest), "--output", str(tmp_path / "o"), "--model_handle", mobilenet_handle)
+    assert code == 2 and "has no 'uri' column (columns: id, path)" in capsys.readouterr().err
+
+
+def test_an_earlier_run_in_the_output_is_refused_unless_overwrite(tmp_path, capsys, mobilenet_handle):
+    out = str(tmp_path / "o")
+    args = ("--input", f"{SAMPLES}/rocket.jpg*", "--output", out, "--model_handle", mobilenet_handle)
+    assert run_pipeline(*args) == 0
+    assert run_pipeline(*args) == 2
+    assert "already holds the results of an earlier run" in capsys.readouterr().err
+    assert run_pipeline(*args, "--overwrite") == 0
+    assert read_embeddings(out).num_rows == 1
+
+
+def test_an_output_that_cannot_be_written_is_a_clear_error(tmp_path, capsys, mobilenet_handle):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    code = run_pipeline("--input", f"{SAMPLES}/*", "--output", str(blocker / "out"), "--model_handle", mobilenet_handle)
+    assert code == 2 and f"Cannot write to --output {blocker / 'out'}" in capsys.readouterr().err
+
+
+def test_txt_manifest_ids_duplicates_and_missing_files_through_the_pipeline(tmp_path, mobilenet_handle):
+    rocket, chelsea = f"{SAMPLES}/rocket.jpg", f"{SAMPLES}/chelsea.png"
+    manifest = tmp_path / "m.txt"
+    manifest.write_text(f"# corpus\n{rocket}\n\n{chelsea}\n{rocket}\n{tmp_path}/missing.jpg\n")
+    out = str(tmp_path / "o")
+    assert run_pipeline("--input", str(manifest), "--output", out, "--model_handle", mobilenet_handle) == 0
+    assert sorted(read_embeddings(out).column("id").to_pylist()) == sorted([rocket, chelsea])
+    errors = {(r["id"], r["stage"]): r["error"] for r in read_errors(out).to_pylist()}
+    assert errors == {
+        (rocket, "manifest"): "Duplicate id: row 5 repeats the id of row 2, which is the one embedded.",
+        (f"{tmp_path}/missing.jpg", "read"): f"{tmp_path}/missing.jpg does not exist.",
+    }
+
+
+def test_run_local_script_embeds_the_samples_and_falls_back_loudly_when_the_hub_is_unreachable(tmp_path):
+    env = {**os.environ, "TFHUB_CACHE_DIR": str(tmp_path / "empty-cache")}
+    result = subprocess.run([os.path.join(REPO, "run_local.sh"), str(tmp_path / "out")], capture_output=True,
+                            text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "cannot be reached" in result.stderr and "NOT MEANINGFUL" in result.stderr
+    n_samples = len(os.listdir(SAMPLES))
+    assert f"Embedded {n_samples} images (mobilenet_v2_130_224, dim 1664)" in result.stdout
+    assert "No errors." in result.stdout and "NOT meaningful" in result.stdout
+    table = read_embeddings(str(tmp_path / "out"))
+    assert table.num_rows == n_samples and table.schema.metadata[b"embedding.weights"].startswith(b"STAND-IN")
