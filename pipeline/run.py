@@ -30,7 +30,7 @@ class ModelCheckError(RuntimeError):
 
 @functools.lru_cache(maxsize=2)
 def check_model(config: EmbedConfig) -> None:
-    """Loads the model once in the launcher and embeds one blank image: [1, dim] or a clear error."""
+    """Loads the model once in the launcher and embeds one grey image: [1, dim] or a clear error."""
     handle = config.handle
     if not handle_available(handle):
         raise ModelCheckError(
@@ -39,7 +39,7 @@ def check_model(config: EmbedConfig) -> None:
         )
     try:
         embedder = HubEmbedder(config)
-        embedder(np.zeros((1, config.image_size, config.image_size, 3), np.uint8))
+        embedder(np.full((1, config.image_size, config.image_size, 3), 128, np.uint8))
     except Exception as exc:
         message = " ".join(str(exc).split())[:500]
         raise ModelCheckError(f"Model handle {handle} is not a usable feature-vector model: {message}") from None
@@ -60,6 +60,8 @@ def output_metadata(config: JobConfig) -> dict[str, str]:
 
 def print_summary(config: JobConfig, summary: OutputSummary) -> None:
     out = sys.stdout
+    if summary.embedded + summary.errors == 0:
+        print(f"No inputs: --input {config.input} has no rows or matches no files; the outputs are empty.", file=out)
     print(f"Embedded {summary.embedded} images ({config.model.name}, dim {summary.dim}) into "
           f"{config.output_dir}/embeddings-*.parquet", file=out)
     if summary.errors:

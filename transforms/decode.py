@@ -13,7 +13,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
-from transforms.records import FAILED, DecodedImage, Failure, ImageRef, Stage, describe_exception
+from transforms.records import FAILED, TRANSIENT_ERRORS, DecodedImage, Failure, ImageRef, Stage, describe_exception
 from transforms.uri_reader import ReadConfig, ReadError, read_uri
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
@@ -53,14 +53,15 @@ def decode_image(data: bytes, config: PreprocessConfig) -> np.ndarray:
     if not data:
         raise ImageDecodeError("The file is empty (0 bytes).")
     Image.init()  # registers every plugin (WEBP, TIFF); a no-op after the first call
+    # Our limit, checked from the header below, replaces PIL's process-wide one, which would warn or
+    # raise at a fixed 89 / 179 megapixels whatever --max_image_pixels says.
+    Image.MAX_IMAGE_PIXELS = None
     try:
         image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except UnidentifiedImageError:
         raise ImageDecodeError(
             f"Not a supported image (supported: {', '.join(SUPPORTED_FORMATS)}); it starts with {data[:12]!r}."
         ) from None
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"Rejected as a decompression bomb: {exc}") from None
     with image:
         width, height = image.size
         if width * height > config.max_pixels:
@@ -118,13 +119,6 @@ class DecodeImagesFn(beam.DoFn):
         self._read_errors = Metrics.counter("embeddings", "read_errors")
         self._decode_errors = Metrics.counter("embeddings", "decode_errors")
 
-    def setup(self):
-        from PIL import Image
-
-        # Our own limit (checked from the header) replaces PIL's global one, which would otherwise
-        # warn or raise at a fixed 89 / 179 megapixels whatever --max_image_pixels says.
-        Image.MAX_IMAGE_PIXELS = None
-
     def process(self, ref: ImageRef):
         try:
             data = read_uri(ref.uri, self._read)
@@ -136,7 +130,7 @@ class DecodeImagesFn(beam.DoFn):
             pixels = decode_image(data, self._preprocess)
         except ImageDecodeError as exc:
             error = str(exc)
-        except MemoryError:
+        except TRANSIENT_ERRORS:
             raise
         except Exception as exc:  # corrupt files make PIL raise many types; each is this input's fault
             error = f"The image could not be decoded ({describe_exception(exc)})."

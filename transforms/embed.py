@@ -16,7 +16,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
-from transforms.records import FAILED, DecodedImage, Failure, Stage, describe_exception
+from transforms.records import FAILED, TRANSIENT_ERRORS, DecodedImage, Failure, Stage, describe_exception
 
 
 class Embedding(NamedTuple):
@@ -100,7 +100,7 @@ class HubModelHandler(ModelHandler[DecodedImage, Union[Embedding, Failure], HubE
     ) -> Iterable[Union[Embedding, Failure]]:
         try:
             vectors = model(np.stack([image.pixels for image in batch]))
-        except ModelOutputError:
+        except (ModelOutputError, *TRANSIENT_ERRORS):
             raise
         except Exception:
             # One bad image must not take its batch down: retry image by image, report only failures.
@@ -111,7 +111,7 @@ class HubModelHandler(ModelHandler[DecodedImage, Union[Embedding, Failure], HubE
     def _embed_alone(image: DecodedImage, model: HubEmbedder) -> Union[Embedding, Failure]:
         try:
             return Embedding(image.id, image.uri, model(image.pixels[np.newaxis])[0])
-        except ModelOutputError:
+        except (ModelOutputError, *TRANSIENT_ERRORS):
             raise
         except Exception as exc:
             return Failure(image.id, image.uri, Stage.EMBED, f"The model failed on this image ({describe_exception(exc)}).")

@@ -9,6 +9,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from transforms.records import TRANSIENT_ERRORS
+
 
 class ReadError(OSError):
     """The URI's bytes could not be read; the message is the sentence reported to the user."""
@@ -38,6 +40,8 @@ def _read_filesystem(uri: str, config: ReadConfig) -> bytes:
         # UNCOMPRESSED: an image named *.gz is still read as its raw bytes, never inflated.
         with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             data = f.read(config.max_bytes + 1)
+    except TRANSIENT_ERRORS:
+        raise  # the runner retries the bundle
     except IsADirectoryError:
         raise ReadError(f"{uri} is a directory, not a file.") from None
     except FileNotFoundError:

@@ -1,0 +1,321 @@
+"""Nothing lost: every input ends in exactly one output, bad inputs are reported with a reason, faults are retried."""
+
+import glob
+import http.server
+import io
+import os
+import struct
+import threading
+import zlib
+from unittest import mock
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers import PHOTO_NAMES, encode, photo, read_embeddings, read_errors, run_pipeline, vectors_by_id
+from transforms.decode import ImageDecodeError, PreprocessConfig, decode_image
+from transforms.uri_reader import ReadConfig, ReadError, read_uri
+
+CONFIG = PreprocessConfig(image_size=64)
+
+
+def png_declaring(width, height):
+    """A tiny, valid-looking PNG whose header declares width x height (a decompression bomb)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+
+
+def jpeg_declaring(width, height):
+    """A real small JPEG with its frame header patched to declare width x height."""
+    data = bytearray(encode(photo("rocket")[:64, :64], "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def truncated(data, keep=0.6):
+    return data[: int(len(data) * keep)]
+
+
+# --- decode: hostile and odd files ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", [png_declaring, jpeg_declaring])
+def test_decompression_bombs_are_rejected_from_the_header(make):
+    with pytest.raises(ImageDecodeError, match="declares 40000x40000 = 1600000000 pixels, over the 100000000"):
+        decode_image(make(40000, 40000), CONFIG)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_truncated_images_are_errors_by_default_and_accepted_on_request(fmt):
+    data = truncated(encode(photo("chelsea"), fmt))
+    with pytest.raises(ImageDecodeError, match="corrupt or truncated"):
+        decode_image(data, CONFIG)
+    pixels = decode_image(data, PreprocessConfig(image_size=64, allow_truncated=True))
+    assert pixels.shape == (64, 64, 3)
+
+
+def test_unsupported_formats_are_named_in_the_error():
+    ico = encode(Image.fromarray(photo("rocket")[:32, :32]), "ICO")
+    with pytest.raises(ImageDecodeError, match="Not a supported image .supported: JPEG, PNG, GIF, BMP, WEBP, TIFF"):
+        decode_image(ico, CONFIG)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (50, 10000), (10000, 50)])
+def test_extreme_shapes_embed(shape):
+    pixels = np.random.default_rng(0).integers(0, 255, (*shape, 3), dtype=np.uint8)
+    assert decode_image(encode(pixels, "PNG"), CONFIG).shape == (64, 64, 3)
+
+
+def test_huge_real_photo_embeds():
+    big = Image.fromarray(photo("astronaut")).resize((8000, 6000))
+    assert decode_image(encode(big, "JPEG", quality=90), CONFIG).shape == (64, 64, 3)
+
+
+# Pillow's exif_transpose method for each orientation; the stored image is its inverse applied to the upright one.
+STORED_FROM_UPRIGHT = {
+    1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_gives_the_upright_pixels(orientation):
+    upright = Image.fromarray(photo("chelsea"))
+    method = STORED_FROM_UPRIGHT[orientation]
+    stored = upright.transpose(method) if method is not None else upright
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    expected = decode_image(encode(upright, "PNG"), CONFIG)
+    np.testing.assert_array_equal(decode_image(encode(stored, "PNG", exif=exif), CONFIG), expected)
+
+
+# --- reading: files and http ------------------------------------------------------------------------------------
+
+def test_file_read_errors_name_the_problem(tmp_path):
+    with pytest.raises(ReadError, match="does not exist"):
+        read_uri(str(tmp_path / "missing.jpg"))
+    with pytest.raises(ReadError, match="is a directory, not a file"):
+        read_uri(str(tmp_path))
+    (tmp_path / "big.jpg").write_bytes(b"x" * 101)
+    with pytest.raises(ReadError, match="larger than the 100-byte limit"):
+        read_uri(str(tmp_path / "big.jpg"), ReadConfig(max_bytes=100))
+
+
+def test_permission_denied_is_a_read_error(tmp_path):
+    with mock.patch("apache_beam.io.filesystems.FileSystems.open", side_effect=PermissionError(13, "denied")):
+        with pytest.raises(ReadError, match="Permission denied reading"):
+            read_uri(str(tmp_path / "x.jpg"))
+
+
+class _Server:
+    """A local HTTP server with scripted failures; counts requests per path."""
+
+    def __init__(self, image: bytes):
+        self.hits = {}
+        self.failures_left = {"/flaky.jpg": 2, "/reset.jpg": 1}
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                server.hits[self.path] = server.hits.get(self.path, 0) + 1
+                left = server.failures_left.get(self.path, 0)
+                if left:
+                    server.failures_left[self.path] = left - 1
+                    if self.path == "/reset.jpg":
+                        self.connection.shutdown(2)  # drop the connection without a response
+                        return
+                    self.send_error(503)
+                    return
+                if self.path == "/missing.jpg":
+                    self.send_error(404)
+                elif self.path == "/slow.jpg":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(image)))
+                    self.end_headers()
+                    threading.Event().wait(1.0)
+                else:
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(image)))
+                    self.end_headers()
+                    self.wfile.write(image)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = _Server(encode(photo("rocket"), "JPEG"))
+    yield s
+    s.close()
+
+
+FAST_RETRIES = ReadConfig(http_timeout_s=0.3, http_retries=3, http_backoff_s=0.01)
+
+
+def test_http_reads_retry_5xx_and_resets_with_backoff(server):
+    assert read_uri(server.url + "/flaky.jpg", FAST_RETRIES)[:2] == b"\xff\xd8"
+    assert read_uri(server.url + "/reset.jpg", FAST_RETRIES)[:2] == b"\xff\xd8"
+    assert server.hits["/flaky.jpg"] == 3 and server.hits["/reset.jpg"] == 2
+
+
+def test_http_4xx_is_not_retried(server):
+    with pytest.raises(ReadError, match="HTTP 404"):
+        read_uri(server.url + "/missing.jpg", FAST_RETRIES)
+    assert server.hits["/missing.jpg"] == 1
+
+
+def test_http_read_timeout_is_bounded_and_reported(server):
+    with pytest.raises(ReadError, match="after 4 attempts; last: TimeoutError"):
+        read_uri(server.url + "/slow.jpg", FAST_RETRIES)
+    assert server.hits["/slow.jpg"] == 4
+
+
+def test_http_size_cap(server):
+    with pytest.raises(ReadError, match="larger than the 1000-byte limit"):
+        read_uri(server.url + "/ok.jpg", ReadConfig(max_bytes=1000))
+
+
+def test_unreachable_http_host_is_reported_after_bounded_retries():
+    with pytest.raises(ReadError, match="after 2 attempts"):
+        read_uri("http://127.0.0.1:9/x.jpg", ReadConfig(http_timeout_s=0.3, http_retries=1, http_backoff_s=0.01))
+
+
+# --- the invariant over a mixed corpus ---------------------------------------------------------------------------
+
+def test_mixed_corpus_every_manifest_row_lands_in_exactly_one_output(tmp_path, server, mobilenet_handle):
+    good = []
+    for name in PHOTO_NAMES[:4]:
+        path = tmp_path / f"{name}.jpg"
+        path.write_bytes(encode(photo(name), "JPEG"))
+        good.append(str(path))
+    bad = {
+        "empty.jpg": b"", "page.jpg": b"<!doctype html><html></html>", "bomb.png": png_declaring(40000, 40000),
+        "cut.jpg": truncated(encode(photo("coffee"), "JPEG")), "cut.png": truncated(encode(photo("coffee"), "PNG")),
+    }
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "a-directory.jpg").mkdir()
+    rows = [("g0", good[0]), ("g1", good[1]), ("g2", good[2]), ("g3", good[3]),
+            ("http-ok", server.url + "/flaky.jpg"), ("http-404", server.url + "/missing.jpg"),
+            ("dup", good[0]), ("dup", good[1]), ("", str(tmp_path / "missing.jpg")), ("dir", str(tmp_path / "a-directory.jpg"))]
+    rows += [(name, str(tmp_path / name)) for name in bad]
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("id,uri\n" + "".join(f'{i},"{u}"\n' for i, u in rows))
+    out = str(tmp_path / "out")
+    assert run_pipeline("--input", str(manifest), "--output", out, "--model_handle", mobilenet_handle,
+                        "--http_timeout", "2") == 0
+
+    embedded, errors = read_embeddings(out).to_pylist(), read_errors(out).to_pylist()
+    assert len(embedded) + len(errors) == len(rows)
+    assert len({r["id"] for r in embedded}) == len(embedded)
+    assert sorted(r["id"] for r in embedded) == ["dup", "g0", "g1", "g2", "g3", "http-ok"]
+    stages = {r["id"]: r["stage"] for r in errors}
+    assert stages == {"http-404": "read", "dup": "manifest", str(tmp_path / "missing.jpg"): "read", "dir": "read",
+                      "empty.jpg": "decode", "page.jpg": "decode", "bomb.png": "decode", "cut.jpg": "decode",
+                      "cut.png": "decode"}
+    assert all(r["error"] and "\n" not in r["error"] for r in errors)
+
+
+def test_empty_manifest_gives_a_message_and_empty_valid_outputs(tmp_path, capsys, mobilenet_handle):
+    manifest = tmp_path / "empty.txt"
+    manifest.write_text("# nothing yet\n")
+    out = str(tmp_path / "out")
+    assert run_pipeline("--input", str(manifest), "--output", out, "--model_handle", mobilenet_handle) == 0
+    assert "No inputs" in capsys.readouterr().out
+    assert read_embeddings(out).num_rows == 0 and read_errors(out).num_rows == 0
+    assert read_embeddings(out).schema.field("embedding").type.list_size == 1664
+
+
+# --- faults ------------------------------------------------------------------------------------------------------
+
+def _flaky(real, failures):
+    """Wraps `real` to raise ConnectionError the first time it sees each distinct argument shape/content."""
+    seen = set()
+
+    def wrapper(*args, **kwargs):
+        key = hash(bytes(memoryview(np.ascontiguousarray(args[-1] if not isinstance(args[0], bytes) else args[0]))))
+        if key not in seen and len(seen) < failures:
+            seen.add(key)
+            raise ConnectionError("injected transient fault")
+        return real(*args, **kwargs)
+    return wrapper
+
+
+@pytest.mark.parametrize("target", ["decode", "inference"])
+def test_transient_faults_are_retried_by_the_runner_and_each_id_is_written_once(tmp_path, mobilenet_handle, target):
+    import transforms.decode
+    import transforms.embed
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for name in PHOTO_NAMES[:4]:
+        (images / f"{name}.png").write_bytes(encode(photo(name)[:200, :200], "PNG"))
+    if target == "decode":
+        patch = mock.patch.object(transforms.decode, "decode_image", _flaky(transforms.decode.decode_image, 2))
+    else:
+        patch = mock.patch.object(transforms.embed.HubEmbedder, "__call__",
+                                  _flaky(transforms.embed.HubEmbedder.__call__, 1))
+    out = str(tmp_path / "out")
+    with patch:
+        assert run_pipeline("--input", f"{images}/*", "--output", out, "--model_handle", mobilenet_handle,
+                            "--runner", "BundleBasedDirectRunner") == 0
+    ids = read_embeddings(out).column("id").to_pylist()
+    assert sorted(ids) == sorted(glob.glob(f"{images}/*")) and read_errors(out).num_rows == 0
+
+
+@pytest.fixture(scope="module")
+def fails_on_black_images(tmp_path_factory):
+    """A hub-style SavedModel (dim 3) whose batch call fails whenever the batch holds an all-black image."""
+    import tensorflow as tf
+
+    class Model(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32)])
+        def __call__(self, images):
+            brightest = tf.reduce_max(images, axis=[1, 2, 3])
+            with tf.control_dependencies([tf.debugging.assert_greater(brightest, 0.0, message="black image")]):
+                return tf.reduce_mean(images, axis=[1, 2])
+
+    path = str(tmp_path_factory.mktemp("models") / "fails_on_black")
+    tf.saved_model.save(Model(), path)
+    return path
+
+
+def test_a_batch_failure_is_retried_image_by_image_and_only_bad_images_are_reported(tmp_path, fails_on_black_images):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for name in PHOTO_NAMES[:5]:
+        (images / f"{name}.png").write_bytes(encode(photo(name)[:100, :100], "PNG"))
+    (images / "black.png").write_bytes(encode(np.zeros((40, 40, 3), np.uint8), "PNG"))
+    out = str(tmp_path / "out")
+    assert run_pipeline("--input", f"{images}/*", "--output", out, "--model", "custom", "--model_handle",
+                        fails_on_black_images, "--image_size", "32", "--embedding_dim", "3", "--batch_size", "6") == 0
+    vectors = vectors_by_id(read_embeddings(out))
+    assert sorted(vectors) == sorted(str(images / f"{n}.png") for n in PHOTO_NAMES[:5])
+    [error] = read_errors(out).to_pylist()
+    assert error["id"] == str(images / "black.png") and error["stage"] == "embed"
+    assert "black image" in error["error"]
+
+
+def test_a_failed_run_leaves_no_file_that_looks_like_a_result(tmp_path, mobilenet_handle):
+    import transforms.embed
+
+    out = tmp_path / "out"
+    crash = mock.patch.object(transforms.embed.HubModelHandler, "run_inference",
+                              side_effect=RuntimeError("injected worker crash"))
+    with crash, pytest.raises(Exception, match="injected worker crash"):
+        run_pipeline("--input", f"{os.path.dirname(__file__)}/../samples/*", "--output", str(out),
+                     "--model_handle", mobilenet_handle)
+    assert glob.glob(str(out / "embeddings-*")) == [] and glob.glob(str(out / "errors-*")) == []
