@@ -5,21 +5,30 @@ from __future__ import annotations
 from typing import Mapping
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 
 from pipeline.options import JobConfig
 from transforms.decode import DecodeImages
 from transforms.embed import EmbedImages
+from transforms.progress import ReportProgress
 from transforms.records import FAILED
-from transforms.sink import WriteEmbeddings, WriteErrors
+from transforms.sink import EMBEDDINGS_PREFIX, PARQUET_SUFFIX, WriteEmbeddings, WriteErrors
 from transforms.source import ReadImageRefs
 
 
 def build_pipeline(p: beam.Pipeline, config: JobConfig, metadata: Mapping[str, str]) -> None:
     """Adds the embedding job to `p`. Every input ends in exactly one of the two outputs."""
-    inputs = p | "ReadInputs" >> ReadImageRefs(config.input)
-    decoded = inputs["refs"] | "Decode" >> DecodeImages(config.preprocess, config.read)
+    previous = None
+    if config.skip_existing and not config.force_full_run:
+        previous = FileSystems.join(config.skip_existing, f"{EMBEDDINGS_PREFIX}-*{PARQUET_SUFFIX}")
+    inputs = p | "ReadInputs" >> ReadImageRefs(config.input, previous, config.tfrecord_features)
+    decoded = inputs["refs"] | "Decode" >> DecodeImages(config.preprocess, config.read, config.decode_threads)
     embedded = decoded.decoded | "Embed" >> EmbedImages(config.embed)
-    _ = embedded.embeddings | "WriteEmbeddings" >> WriteEmbeddings(config.output_dir, config.model.dim, metadata)
+    _ = (
+        embedded.embeddings
+        | "Progress" >> beam.ParDo(ReportProgress(config.progress_interval_s))
+        | "WriteEmbeddings" >> WriteEmbeddings(config.output_dir, config.model.dim, metadata)
+    )
     _ = (
         (inputs[FAILED], decoded[FAILED], embedded[FAILED])
         | "AllFailures" >> beam.Flatten()

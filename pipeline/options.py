@@ -9,6 +9,7 @@ from typing import Optional, Sequence
 from pipeline.models import CUSTOM_MODEL, MODELS, ModelSpec, resolve_model
 from transforms.decode import RESIZE_MODES, PreprocessConfig
 from transforms.embed import EmbedConfig
+from transforms.source import TFRecordFeatures
 from transforms.uri_reader import ReadConfig
 
 DEFAULT_MODEL = "mobilenet_v2_130_224"
@@ -25,6 +26,12 @@ class JobConfig:
     read: ReadConfig
     embed: EmbedConfig
     overwrite: bool
+    tfrecord_features: TFRecordFeatures = TFRecordFeatures()
+    decode_threads: int = 1
+    progress_interval_s: float = 10.0
+    skip_existing: Optional[str] = None
+    force_full_run: bool = False
+    max_error_rate: Optional[float] = None
 
 
 def _positive_int(text: str) -> int:
@@ -48,6 +55,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     models = ", ".join(f"{m.name} ({m.input_size}x{m.input_size}, {m.dim}-dim)" for m in MODELS.values())
     parser = argparse.ArgumentParser(
@@ -61,15 +75,31 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument(
         "--input",
         required=True,
-        help="A manifest (.txt: one URI a line; .csv/.tsv/.jsonl/.parquet with a 'uri' and optional 'id' column) "
-        "or a glob of image files ('/data/**/*.jpg', 'gs://bucket/imgs/*.jpg'). Without an id the id is the URI.",
+        help="A manifest (.txt: one URI a line; .csv/.tsv/.jsonl/.parquet with a 'uri' and optional 'id' column), "
+        "a glob of image files ('/data/**/*.jpg', 'gs://bucket/imgs/*.jpg'), or TFRecord files of tf.train.Example "
+        "(any name containing '.tfrecord', e.g. 'gs://b/train.tfrecord-*'). Without an id the id is the URI.",
     )
+    io.add_argument("--tfrecord_image_feature", default=TFRecordFeatures.image,
+                    help="TFRecord input: the feature holding the encoded image. Default: %(default)s.")
+    io.add_argument("--tfrecord_id_feature", default=TFRecordFeatures.id,
+                    help="TFRecord input: the feature holding the id. Default: %(default)s.")
     io.add_argument("--output", required=True, help="Output directory (local, gs://, s3://).")
     io.add_argument(
         "--overwrite",
         action="store_true",
         help="Replace the outputs of an earlier run in --output (default: refuse to mix runs).",
     )
+    io.add_argument(
+        "--skip_existing",
+        metavar="PREVIOUS_OUTPUT",
+        help="Output directory of an earlier run: ids it already embedded are skipped (incremental indexing). "
+        "Refused when that run used another model or preprocessing, unless --force_full_run.",
+    )
+    io.add_argument("--force_full_run", action="store_true",
+                    help="With --skip_existing: embed everything even when the earlier run's model differs.")
+    io.add_argument("--max_error_rate", type=_fraction, metavar="FRACTION",
+                    help="Exit with code 3 when more than this share of the inputs failed (outputs are still "
+                    "written). Default: never.")
     model = parser.add_argument_group("model")
     model.add_argument(
         "--model",
@@ -113,9 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--http_retries", type=_non_negative_int, default=ReadConfig.http_retries,
                       help="Retries, with backoff, of an http(s) read after a reset, timeout or 5xx (never 4xx). "
                       "Default: %(default)s.")
+    io.add_argument("--progress_interval", type=float, default=10.0, metavar="SECONDS",
+                    help="Print a progress line per worker process this often (0: never). Default: %(default)s.")
     perf = parser.add_argument_group("inference")
     perf.add_argument("--batch_size", type=_positive_int, default=EmbedConfig.batch_size,
                       help="Images per model call. Default: %(default)s.")
+    perf.add_argument("--decode_threads", type=_positive_int, default=1,
+                      help="Threads per DoFn that decode ahead while the model computes. Default: %(default)s "
+                      "(raise it on GPU workers, where decoding sets the pace).")
     perf.add_argument("--tf_intra_op_threads", type=_non_negative_int, default=0,
                       help="TensorFlow intra-op threads per worker process (0: TensorFlow's default, all cores).")
     perf.add_argument("--tf_inter_op_threads", type=_non_negative_int, default=0,
@@ -154,5 +189,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[JobConfig, list[st
             large_model=args.large_model,
         ),
         overwrite=args.overwrite,
+        tfrecord_features=TFRecordFeatures(image=args.tfrecord_image_feature, id=args.tfrecord_id_feature),
+        decode_threads=args.decode_threads,
+        progress_interval_s=args.progress_interval,
+        skip_existing=args.skip_existing.rstrip("/") if args.skip_existing else None,
+        force_full_run=args.force_full_run,
+        max_error_rate=args.max_error_rate,
     )
     return config, beam_args

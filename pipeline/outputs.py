@@ -12,6 +12,9 @@ from apache_beam.io.filesystems import FileSystems
 from transforms.sink import EMBEDDINGS_PREFIX, ERRORS_PREFIX, METADATA_PREFIX, PARQUET_SUFFIX
 
 
+RUN_REPORT = "run_report.json"  # written last: its presence marks a finished run
+
+
 class OutputDirError(ValueError):
     """The output directory cannot take this run's results."""
 
@@ -30,6 +33,9 @@ def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
     Mixing two runs' shards in one directory would silently double or lose rows for every reader.
     """
     previous = _output_files(output_dir, EMBEDDINGS_PREFIX) + _output_files(output_dir, ERRORS_PREFIX)
+    report = FileSystems.join(output_dir, RUN_REPORT)
+    if FileSystems.exists(report):
+        previous.append(report)
     if previous and not overwrite:
         raise OutputDirError(
             f"{output_dir} already holds the results of an earlier run ({len(previous)} Parquet files); "

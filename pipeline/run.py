@@ -6,22 +6,29 @@ output directory, model handle and its output dim), so a mistake costs seconds, 
 
 from __future__ import annotations
 
+import collections
+import datetime
 import functools
+import json
 import logging
+import platform
 import sys
 from typing import Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.runner import PipelineState
 
 from pipeline.embed_pipeline import build_pipeline
 from pipeline.models import handle_available
 from pipeline.options import JobConfig, parse_args
-from pipeline.outputs import OutputDirError, OutputSummary, prepare_output_dir, summarize_outputs
+from pipeline.outputs import RUN_REPORT, OutputDirError, prepare_output_dir, summarize_outputs
 from pipeline.standin_models import STANDIN_WARNING, standin_info
 from transforms.embed import EmbedConfig, HubEmbedder
-from transforms.source import ManifestError, check_manifest, input_kind
+from transforms.source import SKIPPED_COUNTER, ManifestError, check_input
 
 
 class ModelCheckError(RuntimeError):
@@ -58,42 +65,159 @@ def output_metadata(config: JobConfig) -> dict[str, str]:
     }
 
 
-def print_summary(config: JobConfig, summary: OutputSummary) -> None:
-    out = sys.stdout
-    if summary.embedded + summary.errors == 0:
-        print(f"No inputs: --input {config.input} has no rows or matches no files; the outputs are empty.", file=out)
-    print(f"Embedded {summary.embedded} images ({config.model.name}, dim {summary.dim}) into "
-          f"{config.output_dir}/embeddings-*.parquet", file=out)
-    if summary.errors:
-        stages = ", ".join(f"{stage} {count}" for stage, count in sorted(summary.errors_by_stage.items()))
-        print(f"{summary.errors} inputs not embedded ({stages}): see {config.output_dir}/errors-*.parquet", file=out)
-    else:
-        print("No errors.", file=out)
-    if summary.metadata.get("weights", "").startswith("STAND-IN"):
-        print(f"WARNING: {STANDIN_WARNING}.", file=out)
+class IncrementalRunError(ValueError):
+    """--skip_existing names an output that cannot be extended by this run."""
 
 
-def run(config: JobConfig, beam_args: Sequence[str]) -> OutputSummary:
-    """Checks, runs and summarises one job; raises on anything that makes the run unusable."""
-    if input_kind(config.input) == "manifest":
-        check_manifest(config.input)
+# Metadata that must match for vectors of two runs to be comparable.
+COMPARABLE_METADATA = ("model", "handle", "image_size", "dim", "preprocessing", "weights")
+
+
+def check_previous_output(config: JobConfig, metadata: dict[str, str]) -> None:
+    """Refuses to skip ids embedded by a run whose model or preprocessing differs from this one's."""
+    if not config.skip_existing or config.force_full_run:
+        return
+    previous = summarize_outputs(config.skip_existing)
+    if not previous.embedding_files:
+        raise IncrementalRunError(f"--skip_existing {config.skip_existing} holds no embeddings-*.parquet files.")
+    differences = [
+        f"{key}: {previous.metadata.get(key)!r} then, {metadata[key]!r} now"
+        for key in COMPARABLE_METADATA
+        if previous.metadata.get(key) != metadata[key]
+    ]
+    if differences:
+        raise IncrementalRunError(
+            f"--skip_existing {config.skip_existing} was made with another model or preprocessing "
+            f"({'; '.join(differences)}); its vectors are not comparable. Pass --force_full_run to embed everything."
+        )
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for package in ("apache-beam", "tensorflow", "tensorflow-hub", "tfx-bsl", "pyarrow", "pillow", "numpy"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def _metrics(result) -> dict:
+    """The job's Beam metrics in the "embeddings" namespace: counters summed, distributions summarised."""
+    try:
+        found = result.metrics().query(MetricsFilter().with_namespace("embeddings"))
+    except Exception:  # a runner without metrics support
+        return {"counters": {}, "distributions": {}}
+
+    def value(metric):
+        return metric.committed if metric.committed is not None else metric.attempted
+
+    counters = collections.Counter()
+    for metric in found["counters"]:
+        counters[metric.key.metric.name] += value(metric) or 0
+    distributions = {}
+    for metric in found["distributions"]:
+        data = value(metric)
+        if data and data.count:
+            name = metric.key.metric.name
+            merged = distributions.setdefault(name, {"count": 0, "sum": 0, "min": data.min, "max": data.max})
+            merged["count"] += data.count
+            merged["sum"] += data.sum
+            merged["min"], merged["max"] = min(merged["min"], data.min), max(merged["max"], data.max)
+    for merged in distributions.values():
+        merged["mean"] = round(merged.pop("sum") / merged["count"], 2)
+    return {"counters": dict(counters), "distributions": distributions}
+
+
+def run(config: JobConfig, beam_args: Sequence[str]) -> dict:
+    """Checks, runs and reports one job; raises on anything that makes the run unusable."""
+    check_input(config.input)
+    metadata = output_metadata(config)
+    check_previous_output(config, metadata)
     prepare_output_dir(config.output_dir, config.overwrite)
     check_model(config.embed)
     options = PipelineOptions(list(beam_args))
-    with beam.Pipeline(options=options) as p:
-        build_pipeline(p, config, output_metadata(config))
-    return summarize_outputs(config.output_dir)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    p = beam.Pipeline(options=options)
+    build_pipeline(p, config, metadata)
+    result = p.run()
+    state = result.wait_until_finish()
+    if state not in (PipelineState.DONE, None):
+        raise RuntimeError(f"The pipeline ended in state {state}.")
+    finished = datetime.datetime.now(datetime.timezone.utc)
+    summary = summarize_outputs(config.output_dir)
+    metrics = _metrics(result)
+    skipped = metrics["counters"].get(SKIPPED_COUNTER, 0)
+    seconds = (finished - started).total_seconds()
+    report = {
+        "started_at": started.isoformat(),
+        "finished_at": finished.isoformat(),
+        "seconds": round(seconds, 2),
+        "runner": options.view_as(StandardOptions).runner or "DirectRunner",
+        "input": config.input,
+        "output": config.output_dir,
+        "skip_existing": config.skip_existing,
+        "model": config.model.name,
+        "handle": config.model.handle,
+        "image_size": config.model.input_size,
+        "dim": config.model.dim,
+        "weights": metadata["weights"],
+        "counts": {
+            "inputs": summary.embedded + summary.errors + skipped,
+            "embedded": summary.embedded,
+            "skipped_existing": skipped,
+            "errors": summary.errors,
+            "errors_by_stage": summary.errors_by_stage,
+        },
+        "images_per_second": round(summary.embedded / seconds, 2) if seconds else None,
+        "model_loads": metrics["distributions"].get("load_model_latency_milli_secs", {}).get("count", 0),
+        "metrics": metrics,
+        "versions": _versions(),
+    }
+    with FileSystems.create(FileSystems.join(config.output_dir, RUN_REPORT)) as f:
+        f.write(json.dumps(report, indent=2).encode())
+    return report
+
+
+def print_summary(report: dict) -> None:
+    counts, output = report["counts"], report["output"]
+    if counts["inputs"] == 0:
+        print(f"No inputs: --input {report['input']} has no rows or matches no files; the outputs are empty.")
+    print(f"Embedded {counts['embedded']} images ({report['model']}, dim {report['dim']}) into "
+          f"{output}/embeddings-*.parquet in {report['seconds']} s ({report['images_per_second']} images/s)")
+    if counts["skipped_existing"]:
+        print(f"Skipped {counts['skipped_existing']} inputs already embedded in {report['skip_existing']}")
+    if counts["errors"]:
+        stages = ", ".join(f"{stage} {count}" for stage, count in sorted(counts["errors_by_stage"].items()))
+        print(f"{counts['errors']} inputs not embedded ({stages}): see {output}/errors-*.parquet")
+    else:
+        print("No errors.")
+    print(f"Run report: {output}/{RUN_REPORT}")
+    if report["weights"].startswith("STAND-IN"):
+        print(f"WARNING: {STANDIN_WARNING}.")
+
+
+def error_rate_exceeded(report: dict, max_error_rate: Optional[float]) -> bool:
+    counts = report["counts"]
+    return max_error_rate is not None and counts["inputs"] > 0 and counts["errors"] / counts["inputs"] > max_error_rate
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     config, beam_args = parse_args(argv)
     try:
-        summary = run(config, beam_args)
-    except (ManifestError, OutputDirError, ModelCheckError) as exc:
+        report = run(config, beam_args)
+    except (ManifestError, OutputDirError, ModelCheckError, IncrementalRunError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print_summary(config, summary)
+    print_summary(report)
+    if error_rate_exceeded(report, config.max_error_rate):
+        counts = report["counts"]
+        print(f"error: {counts['errors']} of {counts['inputs']} inputs failed, more than --max_error_rate "
+              f"{config.max_error_rate}.", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -6,12 +6,16 @@ the tests and the benchmarks all call it, so "the same preprocessed pixels" mean
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import io
+from typing import Union
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
+from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.records import FAILED, TRANSIENT_ERRORS, DecodedImage, Failure, ImageRef, Stage, describe_exception
 from transforms.uri_reader import ReadConfig, ReadError, read_uri
@@ -109,45 +113,80 @@ def _to_rgb(image, background: tuple):
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-class DecodeImagesFn(beam.DoFn):
-    """ImageRef -> DecodedImage; unreadable or undecodable inputs go to the FAILED output."""
+def read_and_decode(ref: ImageRef, preprocess: PreprocessConfig, read: ReadConfig) -> Union[DecodedImage, Failure]:
+    """One input's pixels, or the Failure that says why not. Transient errors propagate (the runner retries)."""
+    try:
+        data = ref.data if ref.data is not None else read_uri(ref.uri, read)
+    except ReadError as exc:
+        return Failure(ref.id, ref.uri, Stage.READ, str(exc))
+    try:
+        return DecodedImage(ref.id, ref.uri, decode_image(data, preprocess))
+    except ImageDecodeError as exc:
+        return Failure(ref.id, ref.uri, Stage.DECODE, str(exc))
+    except TRANSIENT_ERRORS:
+        raise
+    except Exception as exc:  # corrupt files make PIL raise many types; each is this input's fault
+        return Failure(ref.id, ref.uri, Stage.DECODE, f"The image could not be decoded ({describe_exception(exc)}).")
 
-    def __init__(self, preprocess: PreprocessConfig, read: ReadConfig):
+
+class DecodeImagesFn(beam.DoFn):
+    """ImageRef -> DecodedImage; unreadable or undecodable inputs go to the FAILED output.
+
+    Decoding runs ahead on a small thread pool (PIL releases the GIL) while the fused downstream
+    inference computes, so decode and model overlap even in one process. At most `prefetch` images
+    are in flight; results are emitted in input order.
+    """
+
+    def __init__(self, preprocess: PreprocessConfig, read: ReadConfig, threads: int = 1, prefetch: int = 64):
         self._preprocess = preprocess
         self._read = read
-        self._decoded = Metrics.counter("embeddings", "decoded")
-        self._read_errors = Metrics.counter("embeddings", "read_errors")
-        self._decode_errors = Metrics.counter("embeddings", "decode_errors")
+        self._threads = threads
+        self._prefetch = prefetch
+        self._counters = {
+            "decoded": Metrics.counter("embeddings", "decoded"),
+            Stage.READ: Metrics.counter("embeddings", "read_errors"),
+            Stage.DECODE: Metrics.counter("embeddings", "decode_errors"),
+        }
 
-    def process(self, ref: ImageRef):
-        try:
-            data = read_uri(ref.uri, self._read)
-        except ReadError as exc:
-            self._read_errors.inc()
-            yield beam.pvalue.TaggedOutput(FAILED, Failure(ref.id, ref.uri, Stage.READ, str(exc)))
-            return
-        try:
-            pixels = decode_image(data, self._preprocess)
-        except ImageDecodeError as exc:
-            error = str(exc)
-        except TRANSIENT_ERRORS:
-            raise
-        except Exception as exc:  # corrupt files make PIL raise many types; each is this input's fault
-            error = f"The image could not be decoded ({describe_exception(exc)})."
-        else:
-            self._decoded.inc()
-            yield DecodedImage(ref.id, ref.uri, pixels)
-            return
-        self._decode_errors.inc()
-        yield beam.pvalue.TaggedOutput(FAILED, Failure(ref.id, ref.uri, Stage.DECODE, error))
+    def setup(self):
+        self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="decode")
+
+    def start_bundle(self):
+        self._in_flight = collections.deque()
+
+    def process(self, ref: ImageRef, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
+        self._in_flight.append((self._pool.submit(read_and_decode, ref, self._preprocess, self._read), window, timestamp))
+        while len(self._in_flight) > self._prefetch or (self._in_flight and self._in_flight[0][0].done()):
+            future, _, _ = self._in_flight.popleft()
+            yield self._output(future.result())
+
+    def finish_bundle(self):
+        while self._in_flight:
+            future, window, timestamp = self._in_flight.popleft()
+            output = self._output(future.result())
+            if isinstance(output, beam.pvalue.TaggedOutput):
+                yield beam.pvalue.TaggedOutput(output.tag, WindowedValue(output.value, timestamp, [window]))
+            else:
+                yield WindowedValue(output, timestamp, [window])
+
+    def teardown(self):
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _output(self, result: Union[DecodedImage, Failure]):
+        # Counted here, in the bundle's thread: Beam metrics are not recorded from pool threads.
+        if isinstance(result, Failure):
+            self._counters[result.stage].inc()
+            return beam.pvalue.TaggedOutput(FAILED, result)
+        self._counters["decoded"].inc()
+        return result
 
 
 class DecodeImages(beam.PTransform):
     """PCollection[ImageRef] -> {main: DecodedImage, FAILED: Failure}."""
 
-    def __init__(self, preprocess: PreprocessConfig, read: ReadConfig = ReadConfig()):
+    def __init__(self, preprocess: PreprocessConfig, read: ReadConfig = ReadConfig(), threads: int = 1):
         super().__init__()
-        self._fn = DecodeImagesFn(preprocess, read)
+        self._fn = DecodeImagesFn(preprocess, read, threads)
 
     def expand(self, refs):
         return refs | "DecodeAndResize" >> beam.ParDo(self._fn).with_outputs(FAILED, main="decoded")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -24,10 +24,14 @@ class Stage:
 
 
 class ImageRef(NamedTuple):
-    """One input: an id (unique in the output) and the URI its bytes are read from."""
+    """One input: an id (unique in the output) and the URI its bytes are read from.
+
+    Inputs that carry their encoded bytes (TFRecord examples) have `data` set and are not read again.
+    """
 
     id: str
     uri: str
+    data: Optional[bytes] = None
 
 
 class DecodedImage(NamedTuple):

@@ -12,6 +12,7 @@ embedded and every later row with the same id is reported as a duplicate (stage 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -27,6 +28,7 @@ from transforms.records import FAILED, Failure, ImageRef, Stage
 
 MANIFEST_EXTENSIONS = (".txt", ".csv", ".tsv", ".jsonl", ".parquet")
 GLOB_CHARACTERS = "*?["
+SKIPPED_COUNTER = "skipped_existing"
 
 
 class ManifestError(ValueError):
@@ -40,10 +42,13 @@ class ManifestRow(NamedTuple):
     id: str
     uri: str
     problem: Optional[str] = None
+    data: Optional[bytes] = None  # the encoded image, for inputs that carry it (TFRecord)
 
 
 def input_kind(path: str) -> str:
-    """'glob' or 'manifest' for `--input`; anything else is a clear error."""
+    """'tfrecord', 'glob' or 'manifest' for `--input`; anything else is a clear error."""
+    if ".tfrecord" in os.path.basename(path).lower():
+        return "tfrecord"
     if any(ch in path for ch in GLOB_CHARACTERS):
         return "glob"
     if path.lower().endswith(MANIFEST_EXTENSIONS):
@@ -83,6 +88,15 @@ def check_manifest(path: str) -> None:
         return  # .txt has no columns; a .jsonl row without "uri" is reported per row
     if "uri" not in columns:
         raise ManifestError(f"Manifest {path} has no 'uri' column (columns: {', '.join(columns) or 'none'}).")
+
+
+def check_input(path: str) -> None:
+    """The launcher's checks of `--input`: manifest header, or TFRecord files that exist."""
+    kind = input_kind(path)
+    if kind == "manifest":
+        check_manifest(path)
+    elif kind == "tfrecord" and not FileSystems.match([path])[0].metadata_list:
+        raise ManifestError(f"--input {path} matches no TFRecord files.")
 
 
 def read_manifest(path: str) -> Iterator[ManifestRow]:
@@ -153,16 +167,75 @@ def _read_parquet_manifest(path: str) -> Iterator[ManifestRow]:
                 yield _row(number, uri, id_)
 
 
+@dataclasses.dataclass(frozen=True)
+class TFRecordFeatures:
+    """Feature names of tf.train.Example image records (defaults: the ImageNet / TFDS layout)."""
+
+    image: str = "image/encoded"
+    id: str = "image/filename"
+
+
+class ReadTFExampleImages(beam.PTransform):
+    """TFRecord files of tf.train.Example -> ManifestRow carrying the encoded image, read through tfx-bsl's TFXIO.
+
+    TFXIO decodes the examples into Arrow record batches natively, so only the two needed features are
+    materialised in Python.
+    """
+
+    def __init__(self, file_pattern: str, features: TFRecordFeatures):
+        super().__init__()
+        self._pattern = file_pattern
+        self._features = features
+
+    def expand(self, pbegin):
+        from tensorflow_metadata.proto.v0 import schema_pb2
+        from tfx_bsl.public import tfxio
+
+        schema = schema_pb2.Schema()
+        for name in (self._features.image, self._features.id):
+            schema.feature.add(name=name, type=schema_pb2.BYTES)
+        source = tfxio.TFExampleRecord(self._pattern, schema=schema, telemetry_descriptors=["beam-image-embeddings"])
+        return (
+            pbegin
+            | "ReadExamples" >> source.BeamSource(batch_size=256)
+            | "ToRows" >> beam.FlatMap(_rows_from_record_batch, self._pattern, self._features)
+        )
+
+
+def _rows_from_record_batch(batch, pattern: str, features: TFRecordFeatures) -> Iterator[ManifestRow]:
+    images = batch.column(features.image).to_pylist()
+    ids = batch.column(features.id).to_pylist()
+    for images_of_row, ids_of_row in zip(images, ids):
+        id_ = ids_of_row[0].decode("utf-8", "replace") if ids_of_row else ""
+        uri = f"{pattern}#{id_}"
+        if not id_:
+            yield ManifestRow(0, "<record without id>", pattern, f"A record in {pattern} has no '{features.id}'.")
+        elif not images_of_row:
+            yield ManifestRow(0, id_, uri, f"Record {id_} has no '{features.image}' feature.")
+        else:
+            yield ManifestRow(0, id_, uri, data=images_of_row[0])
+
+
 class _KeepFirstRowPerId(beam.DoFn):
-    """After grouping by id: the lowest-numbered row is the input, the others are reported."""
+    """After grouping by id: the lowest-numbered row is the input, the others are reported.
+
+    An id already embedded by a previous run (`--skip_existing`) is skipped with all its rows.
+    """
 
     def __init__(self):
         self._duplicates = Metrics.counter("embeddings", "duplicate_ids")
+        self._skipped = Metrics.counter("embeddings", SKIPPED_COUNTER)
 
-    def process(self, id_and_rows):
-        id_, rows = id_and_rows
-        first, *others = sorted(rows)
-        yield ImageRef(id_, first.uri)
+    def process(self, id_and_groups):
+        id_, groups = id_and_groups
+        rows = sorted(groups["rows"], key=lambda row: row.row)
+        if not rows:
+            return  # an id of the previous output that this run's input does not list
+        if any(True for _ in groups["previous"]):
+            self._skipped.inc(len(rows))
+            return
+        first, *others = rows
+        yield ImageRef(id_, first.uri, first.data)
         for row in others:
             self._duplicates.inc()
             message = f"Duplicate id: row {row.row} repeats the id of row {first.row}, which is the one embedded."
@@ -180,13 +253,21 @@ class ReadImageRefs(beam.PTransform):
     """`--input` -> {main: ImageRef with unique ids, FAILED: Failure}.
 
     Grouping by id both enforces the duplicate rule and redistributes the inputs across workers,
-    so no separate Reshuffle is needed.
+    so no separate Reshuffle is needed. With `previous_embeddings` (a glob of an earlier run's
+    embeddings files) the same grouping drops ids that are already embedded.
     """
 
-    def __init__(self, input_path: str):
+    def __init__(
+        self,
+        input_path: str,
+        previous_embeddings: Optional[str] = None,
+        tfrecord_features: TFRecordFeatures = TFRecordFeatures(),
+    ):
         super().__init__()
         self._input = input_path
         self._kind = input_kind(input_path)
+        self._previous = previous_embeddings
+        self._tfrecord_features = tfrecord_features
 
     def expand(self, pbegin):
         if self._kind == "glob":
@@ -196,6 +277,8 @@ class ReadImageRefs(beam.PTransform):
                 | "MatchFiles" >> fileio.MatchAll()
                 | "ToRows" >> beam.Map(lambda metadata: ManifestRow(0, metadata.path, metadata.path))
             )
+        elif self._kind == "tfrecord":
+            rows = pbegin | "ReadTFRecords" >> ReadTFExampleImages(self._input, self._tfrecord_features)
         else:
             rows = (
                 pbegin
@@ -203,10 +286,18 @@ class ReadImageRefs(beam.PTransform):
                 | "ReadManifest" >> beam.FlatMap(read_manifest)
             )
         usable = rows | "SplitUnusable" >> beam.FlatMap(_split_problems).with_outputs(FAILED, main="rows")
+        keyed = {"rows": usable.rows | "KeyById" >> beam.Map(lambda row: (row.id, row))}
+        if self._previous:
+            keyed["previous"] = (
+                pbegin
+                | "ReadPreviousIds" >> beam.io.ReadFromParquet(self._previous, columns=["id"])
+                | "KeyPreviousIds" >> beam.Map(lambda record: (record["id"], None))
+            )
+        else:
+            keyed["previous"] = pbegin | "NoPreviousIds" >> beam.Create([])
         unique = (
-            usable.rows
-            | "KeyById" >> beam.Map(lambda row: (row.id, row))
-            | "GroupById" >> beam.GroupByKey()
+            keyed
+            | "GroupById" >> beam.CoGroupByKey()
             | "KeepFirst" >> beam.ParDo(_KeepFirstRowPerId()).with_outputs(FAILED, main="refs")
         )
         failures = (usable[FAILED], unique[FAILED]) | "Failures" >> beam.Flatten()

@@ -1,0 +1,94 @@
+"""The pipeline on the runners users run: DirectRunner multi-process, and the portable Job API (Flink, Dataflow v2)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import PHOTO_NAMES, encode, photo, read_embeddings, read_errors, run_pipeline
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("imgs")
+    for index in range(12):
+        name = PHOTO_NAMES[index % len(PHOTO_NAMES)]
+        (folder / f"{index:02d}-{name}.jpg").write_bytes(encode(photo(name)[index:200 + index, :300], "JPEG"))
+    (folder / "broken.jpg").write_bytes(b"GIF89a-not-really")
+    return folder
+
+
+def _assert_complete(out, corpus):
+    ids = read_embeddings(str(out)).column("id").to_pylist()
+    assert sorted(ids) == sorted(str(p) for p in corpus.glob("*") if p.name != "broken.jpg")
+    assert read_errors(str(out)).column("id").to_pylist() == [str(corpus / "broken.jpg")]
+
+
+def test_direct_runner_multi_processing_loads_the_model_once_per_worker(tmp_path, corpus, mobilenet_handle):
+    out = tmp_path / "out"
+    assert run_pipeline("--input", f"{corpus}/*", "--output", str(out), "--model_handle", mobilenet_handle,
+                        "--direct_running_mode=multi_processing", "--direct_num_workers=2", "--batch_size=4") == 0
+    _assert_complete(out, corpus)
+    report = json.loads((out / "run_report.json").read_text())
+    assert 1 <= report["model_loads"] <= 2  # at most once per worker process, however many bundles and batches
+    assert report["metrics"]["distributions"]["inference_request_batch_size"]["count"] >= 3
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port, process, timeout_s=60):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout_s} s")
+
+
+@pytest.fixture
+def portable_job_service(tmp_path):
+    """Beam's local job service plus an external SDK worker pool, on 127.0.0.1; stopped afterwards."""
+    job_port, worker_port = _free_port(), _free_port()
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    log = open(tmp_path / "services.log", "w")
+    services = [
+        subprocess.Popen([sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main",
+                          "--port", str(job_port)], env=env, stdout=log, stderr=subprocess.STDOUT),
+        subprocess.Popen([sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main",
+                          "--service_port", str(worker_port)], env=env, stdout=log, stderr=subprocess.STDOUT),
+    ]
+    try:
+        _wait_for_port(job_port, services[0])
+        _wait_for_port(worker_port, services[1])
+        yield job_port, worker_port
+    finally:
+        for service in services:
+            service.terminate()
+        for service in services:
+            try:
+                service.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                service.kill()
+        log.close()
+
+
+def test_portable_runner_with_an_external_worker_pool(tmp_path, corpus, mobilenet_handle, portable_job_service):
+    job_port, worker_port = portable_job_service
+    out = tmp_path / "out"
+    assert run_pipeline("--input", f"{corpus}/*", "--output", str(out), "--model_handle", mobilenet_handle,
+                        "--runner=PortableRunner", f"--job_endpoint=localhost:{job_port}",
+                        "--environment_type=EXTERNAL", f"--environment_config=localhost:{worker_port}") == 0
+    _assert_complete(out, corpus)
+    assert json.loads((out / "run_report.json").read_text())["runner"] == "PortableRunner"
