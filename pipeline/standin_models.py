@@ -24,7 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.models import MODELS, ModelSpec
+from pipeline.models import MODELS, ModelSpec, is_remote_hub_handle
 
 STANDIN_MARKER = "standin.json"
 STANDIN_WARNING = "random-weight stand-in model: embeddings are NOT meaningful"
@@ -36,9 +36,10 @@ def standin_info(handle: str) -> dict | None:
     """The marker a stand-in carries next to its saved_model.pb, or None for a real model."""
     from apache_beam.io.filesystems import FileSystems
 
-    marker = FileSystems.join(handle, STANDIN_MARKER) if "://" in handle else os.path.join(handle, STANDIN_MARKER)
+    if is_remote_hub_handle(handle):
+        return None  # stand-ins are built locally, never served by a hub
     try:
-        with FileSystems.open(marker) as f:
+        with FileSystems.open(FileSystems.join(handle, STANDIN_MARKER)) as f:
             return json.loads(f.read().decode("utf8"))
     except Exception:  # any filesystem or parse failure means "no marker"
         return None
