@@ -178,3 +178,29 @@ def test_center_crop_is_recorded_and_changes_the_vectors(tmp_path, mobilenet_han
         assert f"{mode} to 224x224".encode() in table.schema.metadata[b"embedding.preprocessing"]
         vectors[mode] = table.column("embedding").to_pylist()[0]
     assert not np.allclose(vectors["stretch"], vectors["center_crop"])
+
+
+def test_bfloat16_mode_is_opt_in_recorded_and_close_to_float32(tmp_path, mobilenet_handle):
+    import subprocess
+    import sys
+
+    paths = _write_photo_corpus(tmp_path / "imgs", PHOTO_NAMES)
+    out = tmp_path / "out"
+    # A separate process: the oneDNN bfloat16 switch is process-wide and must not leak into other tests.
+    subprocess.run([sys.executable, "-m", "pipeline.run", "--input", f"{tmp_path}/imgs/**", "--output", str(out),
+                    "--model_handle", mobilenet_handle, "--bfloat16"], check=True, capture_output=True)
+    table = read_embeddings(str(out))
+    assert table.schema.metadata[b"embedding.precision"] == b"bfloat16 (oneDNN auto mixed precision)"
+    produced = vectors_by_id(table)
+    direct = _direct_vectors(mobilenet_handle, paths, MOBILENET.input_size)
+    for path in paths:
+        a, b = produced[path], direct[path]
+        assert np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b) > 0.97  # measured: min 0.980 over 256 photos
+    ids = sorted(paths)
+    nearest = np.argmin(np.linalg.norm(np.stack([produced[i] for i in ids])[:, None]
+                                       - np.stack([direct[i] for i in ids])[None], axis=-1), axis=1)
+    assert list(nearest) == list(range(len(ids)))
+
+
+def test_float32_is_the_default_precision(mobilenet_job):
+    assert read_embeddings(mobilenet_job["out"]).schema.metadata[b"embedding.precision"] == b"float32"

@@ -92,3 +92,21 @@ def test_portable_runner_with_an_external_worker_pool(tmp_path, corpus, mobilene
                         "--environment_type=EXTERNAL", f"--environment_config=localhost:{worker_port}") == 0
     _assert_complete(out, corpus)
     assert json.loads((out / "run_report.json").read_text())["runner"] == "PortableRunner"
+
+
+def test_worker_processes_split_the_cores_between_them_unless_threads_are_set():
+    from pipeline.options import parse_args
+    from pipeline.run import with_thread_defaults
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    def threads(*args):
+        config, beam_args = parse_args(["--input", "x/*", "--output", "o", *args])
+        embed = with_thread_defaults(config, PipelineOptions(beam_args)).embed
+        return embed.intra_op_threads, embed.inter_op_threads
+
+    cores = os.cpu_count()
+    assert threads("--direct_running_mode=multi_processing", f"--direct_num_workers={cores}") == (1, 1)
+    assert threads("--direct_running_mode=multi_processing", "--direct_num_workers=1") == (0, 0)
+    assert threads("--direct_num_workers=2") == (0, 0)  # threads in one process share one TensorFlow
+    assert threads("--direct_running_mode=multi_processing", "--direct_num_workers=2",
+                   "--tf_intra_op_threads=3") == (3, 0)

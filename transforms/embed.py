@@ -38,6 +38,10 @@ class EmbedConfig:
     intra_op_threads: int = 0  # 0: TensorFlow's default
     inter_op_threads: int = 0
     large_model: bool = False  # one model per machine, shared by its worker processes
+    bfloat16: bool = False  # oneDNN auto mixed precision; opt-in, changes the vectors slightly
+
+    def precision(self) -> str:
+        return "bfloat16 (oneDNN auto mixed precision)" if self.bfloat16 else "float32"
 
 
 class HubEmbedder:
@@ -53,6 +57,8 @@ class HubEmbedder:
         import tensorflow_hub as hub
 
         _configure_threads(tf, config.intra_op_threads, config.inter_op_threads)
+        if config.bfloat16:  # process-wide; takes effect for graphs traced after it
+            tf.config.optimizer.set_experimental_options({"auto_mixed_precision_onednn_bfloat16": True})
         self._dim = config.dim
         self._module = hub.load(config.handle)
         module = self._module
