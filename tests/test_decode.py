@@ -120,3 +120,13 @@ def test_non_images_are_rejected_with_a_reason(data, message):
 def test_pixel_limit_is_enforced_from_the_header(chelsea):
     with pytest.raises(ImageDecodeError, match=r"451x300 = 135300 pixels, over the 100000-pixel limit"):
         decode_image(encode(chelsea, "PNG"), PreprocessConfig(image_size=SIZE, max_pixels=100_000))
+
+
+def test_ycck_jpeg_becomes_the_same_rgb_picture(chelsea):
+    """An Adobe YCCK JPEG (transform 2): YCbCr of the inverted CMY plus K. Pillow cannot write one, so we build it."""
+    ycc = np.asarray(Image.fromarray(chelsea).convert("YCbCr"))
+    channels = np.concatenate([ycc, np.zeros(ycc.shape[:2] + (1,), np.uint8)], axis=2)
+    data = bytearray(encode(Image.fromarray(channels, "CMYK"), "JPEG", quality=95))
+    adobe = data.find(b"Adobe")
+    data[adobe + 11] = 2  # the APP14 transform flag: YCCK
+    assert _mean_abs(decode_image(bytes(data), CONFIG), decode_image(encode(chelsea, "PNG"), CONFIG)) < 3

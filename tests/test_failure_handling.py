@@ -319,3 +319,26 @@ def test_a_failed_run_leaves_no_file_that_looks_like_a_result(tmp_path, mobilene
         run_pipeline("--input", f"{os.path.dirname(__file__)}/../samples/*", "--output", str(out),
                      "--model_handle", mobilenet_handle)
     assert glob.glob(str(out / "embeddings-*")) == [] and glob.glob(str(out / "errors-*")) == []
+
+
+def test_a_bomb_is_rejected_without_allocating_its_pixels(tmp_path):
+    """In a fresh process: peak RSS barely moves, though the declared 40000x40000 RGB would take 4.8 GB."""
+    import subprocess
+    import sys
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_declaring(40000, 40000))
+    script = (
+        "import resource\n"
+        "from transforms.decode import PreprocessConfig, ImageDecodeError, decode_image\n"
+        f"data = open({str(bomb)!r}, 'rb').read()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "try:\n"
+        "    decode_image(data, PreprocessConfig(image_size=224))\n"
+        "except ImageDecodeError as exc:\n"
+        "    print('rejected-from-header' if '-pixel limit' in str(exc) else 'failed-later')\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    verdict, growth_mb = result.stdout.split()
+    assert verdict == "rejected-from-header" and int(growth_mb) < 50

@@ -76,3 +76,17 @@ def test_skip_existing_needs_a_previous_output(tmp_path, corpus, mobilenet_handl
     code = run_pipeline("--input", f"{corpus}/*", "--output", str(tmp_path / "o"), "--model_handle", mobilenet_handle,
                         "--skip_existing", str(tmp_path / "nothing-here"))
     assert code == 2 and "holds no embeddings-*.parquet files" in capsys.readouterr().err
+
+
+def test_long_runs_print_progress_lines(tmp_path, corpus, mobilenet_handle, capfd):
+    assert run_pipeline("--input", f"{corpus}/*", "--output", str(tmp_path / "out"), "--model_handle",
+                        mobilenet_handle, "--progress_interval", "0.000001") == 0
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("progress: ")]
+    assert lines and lines[-1].endswith("images/s")
+    assert "3 images embedded by this worker" in lines[-1]
+
+
+def test_progress_lines_can_be_turned_off(tmp_path, corpus, mobilenet_handle, capfd):
+    assert run_pipeline("--input", f"{corpus}/*", "--output", str(tmp_path / "out"), "--model_handle",
+                        mobilenet_handle, "--progress_interval", "0") == 0
+    assert "progress: " not in capfd.readouterr().err
