@@ -38,6 +38,15 @@ def test_direct_runner_multi_processing_loads_the_model_once_per_worker(tmp_path
     assert report["metrics"]["distributions"]["inference_request_batch_size"]["count"] >= 3
 
 
+def test_large_model_shares_one_model_between_worker_processes(tmp_path, corpus, mobilenet_handle):
+    out = tmp_path / "out"
+    assert run_pipeline("--input", f"{corpus}/*", "--output", str(out), "--model_handle", mobilenet_handle,
+                        "--direct_running_mode=multi_processing", "--direct_num_workers=2", "--batch_size=4",
+                        "--large_model") == 0
+    _assert_complete(out, corpus)
+    assert json.loads((out / "run_report.json").read_text())["model_loads"] == 1
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

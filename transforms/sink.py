@@ -63,7 +63,7 @@ def embeddings_table(rows: Sequence[Embedding], schema: pa.Schema) -> pa.Table:
     )
 
 
-def errors_table(rows: Sequence[Failure], schema: pa.Schema = ERRORS_SCHEMA) -> pa.Table:
+def errors_table(rows: Sequence[Failure], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist([row._asdict() for row in rows], schema=schema)
 
 
