@@ -15,7 +15,9 @@ def test_help_documents_every_project_option():
     for flag in ("--input", "--output", "--overwrite", "--model", "--model_handle", "--image_size", "--embedding_dim",
                  "--resize_mode", "--max_image_pixels", "--max_image_bytes", "--allow_truncated_images",
                  "--http_timeout", "--http_retries", "--batch_size", "--tf_intra_op_threads",
-                 "--tf_inter_op_threads", "--large_model"):
+                 "--tf_inter_op_threads", "--large_model", "--decode_threads", "--bfloat16", "--skip_existing",
+                 "--force_full_run", "--max_error_rate", "--progress_interval", "--tfrecord_image_feature",
+                 "--tfrecord_id_feature"):
         assert flag in text
     assert "Beam pipeline option" in text
 
