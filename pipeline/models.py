@@ -113,16 +113,12 @@ def is_remote_hub_handle(handle: str) -> bool:
     return urllib.parse.urlparse(handle).scheme in ("http", "https")
 
 
-def hub_cache_dir() -> Optional[str]:
-    return os.environ.get("TFHUB_CACHE_DIR")
-
-
 def is_cached_in_hub_cache(handle: str) -> bool:
     """True when tensorflow_hub would load `handle` from TFHUB_CACHE_DIR without the network.
 
     tensorflow_hub stores a downloaded module under the SHA-1 of its handle.
     """
-    cache = hub_cache_dir()
+    cache = os.environ.get("TFHUB_CACHE_DIR")
     if not cache:
         return False
     module_dir = os.path.join(cache, hashlib.sha1(handle.encode("utf8")).hexdigest())

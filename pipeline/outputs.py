@@ -57,11 +57,9 @@ def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
 @dataclasses.dataclass
 class OutputSummary:
     embedded: int
-    dim: int
     errors_by_stage: dict
     metadata: dict
     embedding_files: list
-    error_files: list
 
     @property
     def errors(self) -> int:
@@ -69,25 +67,23 @@ class OutputSummary:
 
 
 def summarize_outputs(output_dir: str) -> OutputSummary:
-    """Reads back what a run wrote: row counts, dim, failures by stage and the model metadata."""
+    """Reads back what a run wrote: row counts, failures by stage and the model metadata."""
     import pyarrow.parquet as pq
 
-    embedded, dim, metadata = 0, 0, {}
+    embedded, metadata = 0, {}
     embedding_files = _output_files(output_dir, EMBEDDINGS_PREFIX)
     for path in embedding_files:
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             parquet = pq.ParquetFile(f)
             embedded += parquet.metadata.num_rows
             schema = parquet.schema_arrow
-            dim = schema.field("embedding").type.list_size
             metadata = {
                 key.decode()[len(METADATA_PREFIX):]: value.decode()
                 for key, value in (schema.metadata or {}).items()
                 if key.decode().startswith(METADATA_PREFIX)
             }
     stages = collections.Counter()
-    error_files = _output_files(output_dir, ERRORS_PREFIX)
-    for path in error_files:
+    for path in _output_files(output_dir, ERRORS_PREFIX):
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             stages.update(pq.read_table(f, columns=["stage"]).column("stage").to_pylist())
-    return OutputSummary(embedded, dim, dict(stages), metadata, embedding_files, error_files)
+    return OutputSummary(embedded, dict(stages), metadata, embedding_files)
