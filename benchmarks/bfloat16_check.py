@@ -22,7 +22,7 @@ sys.path.insert(0, HERE)
 
 
 def embed_in_this_process(handle, size, dim, bfloat16, corpus_dir, count, out_path):
-    from run_benchmark import build_corpus
+    from run_benchmark import batch_for, build_corpus
     from transforms.decode import PreprocessConfig, decode_image
     from transforms.embed import EmbedConfig, HubEmbedder
 
@@ -32,7 +32,7 @@ def embed_in_this_process(handle, size, dim, bfloat16, corpus_dir, count, out_pa
         with open(path, "rb") as f:
             pixels.append(decode_image(f.read(), config))
     pixels = np.stack(pixels)
-    batch = 32 if size <= 224 else 8
+    batch = batch_for(size)
     embedder = HubEmbedder(EmbedConfig(handle=handle, image_size=size, dim=dim, batch_size=batch, bfloat16=bfloat16))
     embedder(pixels[:batch])  # trace and warm up
     start = time.perf_counter()
