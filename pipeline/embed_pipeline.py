@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import Mapping
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 
 from pipeline.options import JobConfig
 from transforms.decode import DecodeImages
 from transforms.embed import EmbedImages
 from transforms.progress import ReportProgress
 from transforms.records import FAILED
-from transforms.sink import EMBEDDINGS_PREFIX, PARQUET_SUFFIX, WriteEmbeddings, WriteErrors
+from transforms.sink import EMBEDDINGS_PREFIX, WriteEmbeddings, WriteErrors, output_files_pattern
 from transforms.source import ReadImageRefs
 
 
@@ -20,7 +19,7 @@ def build_pipeline(p: beam.Pipeline, config: JobConfig, metadata: Mapping[str, s
     """Adds the embedding job to `p`. Every input ends in exactly one of the two outputs."""
     previous = None
     if config.skip_existing and not config.force_full_run:
-        previous = FileSystems.join(config.skip_existing, f"{EMBEDDINGS_PREFIX}-*{PARQUET_SUFFIX}")
+        previous = output_files_pattern(config.skip_existing, EMBEDDINGS_PREFIX)
     inputs = p | "ReadInputs" >> ReadImageRefs(config.input, previous, config.tfrecord_features)
     decoded = inputs["refs"] | "Decode" >> DecodeImages(config.preprocess, config.read, config.decode_threads)
     embedded = decoded.decoded | "Embed" >> EmbedImages(config.embed)

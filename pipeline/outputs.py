@@ -9,7 +9,7 @@ import uuid
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.sink import EMBEDDINGS_PREFIX, ERRORS_PREFIX, METADATA_PREFIX, PARQUET_SUFFIX
+from transforms.sink import EMBEDDINGS_PREFIX, ERRORS_PREFIX, METADATA_PREFIX, output_files_pattern
 
 
 RUN_REPORT = "run_report.json"  # written last: its presence marks a finished run
@@ -20,7 +20,7 @@ class OutputDirError(ValueError):
 
 
 def _output_files(output_dir: str, prefix: str) -> list[str]:
-    pattern = FileSystems.join(output_dir, f"{prefix}-*{PARQUET_SUFFIX}")
+    pattern = output_files_pattern(output_dir, prefix)
     try:
         return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
     except Exception:  # a missing directory matches nothing

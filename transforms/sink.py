@@ -16,6 +16,7 @@ from typing import Mapping, Sequence
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+from apache_beam.io.filesystems import FileSystems
 
 from transforms.embed import Embedding
 from transforms.records import Failure
@@ -25,6 +26,11 @@ ERRORS_PREFIX = "errors"
 PARQUET_SUFFIX = ".parquet"
 METADATA_PREFIX = "embedding."
 _ROWS_PER_TABLE = 1024
+
+
+def output_files_pattern(output_dir: str, prefix: str) -> str:
+    """The glob of one kind of output file, e.g. OUT_DIR/embeddings-*.parquet."""
+    return FileSystems.join(output_dir, f"{prefix}-*{PARQUET_SUFFIX}")
 
 
 def embeddings_schema(dim: int, metadata: Mapping[str, str]) -> pa.Schema:
@@ -91,8 +97,6 @@ class WriteEmbeddings(_WriteParquet):
     """PCollection[Embedding] -> OUT_DIR/embeddings-*.parquet."""
 
     def __init__(self, output_dir: str, dim: int, metadata: Mapping[str, str]):
-        from apache_beam.io.filesystems import FileSystems
-
         super().__init__(
             FileSystems.join(output_dir, EMBEDDINGS_PREFIX), embeddings_schema(dim, metadata), embeddings_table
         )
@@ -102,6 +106,4 @@ class WriteErrors(_WriteParquet):
     """PCollection[Failure] -> OUT_DIR/errors-*.parquet."""
 
     def __init__(self, output_dir: str):
-        from apache_beam.io.filesystems import FileSystems
-
         super().__init__(FileSystems.join(output_dir, ERRORS_PREFIX), ERRORS_SCHEMA, errors_table)
