@@ -139,10 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="Embed truncated images with their missing part grey (default: report them as errors).",
     )
     prep.add_argument("--http_timeout", type=_positive_float, default=ReadConfig.http_timeout_s,
-                      help="Seconds to connect and between bytes for http(s) URIs. Default: %(default)s.")
-    prep.add_argument("--http_retries", type=_non_negative_int, default=ReadConfig.http_retries,
-                      help="Retries, with backoff, of an http(s) read after a reset, timeout or 5xx (never 4xx). "
+                      help="Total seconds allowed for one http(s) download attempt (connect, headers and body). "
                       "Default: %(default)s.")
+    prep.add_argument("--read_retries", "--http_retries", dest="read_retries", type=_non_negative_int,
+                      default=ReadConfig.retries,
+                      help="Retries, with exponential backoff, of a read that failed transiently (reset, timeout, "
+                      "5xx, 429/408 honouring Retry-After, object-store throttling) on any scheme; 4xx and missing "
+                      "or forbidden objects are reported at once. An input still failing is reported, and the "
+                      "next run tries it again. Default: %(default)s.")
     io.add_argument("--progress_interval", type=float, default=10.0, metavar="SECONDS",
                     help="Print a progress line per worker process this often (0: never). Default: %(default)s.")
     perf = parser.add_argument_group("inference")
@@ -181,7 +185,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[JobConfig, list[st
             max_pixels=args.max_image_pixels,
             allow_truncated=args.allow_truncated_images,
         ),
-        read=ReadConfig(max_bytes=args.max_image_bytes, http_timeout_s=args.http_timeout, http_retries=args.http_retries),
+        read=ReadConfig(max_bytes=args.max_image_bytes, http_timeout_s=args.http_timeout, retries=args.read_retries),
         embed=EmbedConfig(
             handle=spec.handle,
             image_size=spec.input_size,

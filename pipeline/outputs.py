@@ -27,8 +27,8 @@ def _output_files(output_dir: str, prefix: str) -> list[str]:
         return []
 
 
-def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
-    """Creates `output_dir`, proves it writable, and refuses (or, with overwrite, removes) earlier results.
+def earlier_results(output_dir: str, overwrite: bool) -> list[str]:
+    """The files of an earlier run in `output_dir`; refused unless `overwrite`. Touches nothing.
 
     Mixing two runs' shards in one directory would silently double or lose rows for every reader.
     """
@@ -38,9 +38,17 @@ def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
         previous.append(report)
     if previous and not overwrite:
         raise OutputDirError(
-            f"{output_dir} already holds the results of an earlier run ({len(previous)} Parquet files); "
+            f"{output_dir} already holds the results of an earlier run ({len(previous)} files); "
             f"choose a new --output or pass --overwrite to replace them."
         )
+    return previous
+
+
+def prepare_output_dir(output_dir: str, replaced: list[str]) -> None:
+    """Creates `output_dir`, proves it writable, then removes the `replaced` files of an earlier run.
+
+    Called last, after every other check passed: a refused run leaves the directory as it was.
+    """
     probe = FileSystems.join(output_dir, f".write-probe-{uuid.uuid4().hex}")
     try:
         if not FileSystems.exists(output_dir):
@@ -50,8 +58,13 @@ def prepare_output_dir(output_dir: str, overwrite: bool) -> None:
         FileSystems.delete([probe])
     except Exception as exc:
         raise OutputDirError(f"Cannot write to --output {output_dir}: {' '.join(str(exc).split())}") from None
-    if previous:
-        FileSystems.delete(previous)
+    if replaced:
+        FileSystems.delete(replaced)
+
+
+def is_finished_run(output_dir: str) -> bool:
+    """Only a run whose report was written (last, after both sinks finished) is a complete result."""
+    return FileSystems.exists(FileSystems.join(output_dir, RUN_REPORT))
 
 
 @dataclasses.dataclass

@@ -27,10 +27,17 @@ from apache_beam.runners.runner import PipelineState
 from pipeline.embed_pipeline import build_pipeline
 from pipeline.models import handle_available
 from pipeline.options import JobConfig, parse_args
-from pipeline.outputs import RUN_REPORT, OutputDirError, prepare_output_dir, summarize_outputs
+from pipeline.outputs import (
+    RUN_REPORT,
+    OutputDirError,
+    earlier_results,
+    is_finished_run,
+    prepare_output_dir,
+    summarize_outputs,
+)
 from pipeline.standin_models import STANDIN_WARNING, standin_info
 from transforms.embed import EmbedConfig, HubEmbedder
-from transforms.source import SKIPPED_COUNTER, ManifestError, check_input
+from transforms.source import SKIPPED_COUNTER, ManifestError, plan_input
 
 
 class ModelCheckError(RuntimeError):
@@ -80,9 +87,18 @@ def check_previous_output(config: JobConfig, metadata: dict[str, str]) -> None:
     """Refuses to skip ids embedded by a run whose model or preprocessing differs from this one's."""
     if not config.skip_existing or config.force_full_run:
         return
+    if config.skip_existing == config.output_dir:
+        raise IncrementalRunError(
+            f"--skip_existing and --output are the same folder ({config.output_dir}); write each run to a new --output."
+        )
     previous = summarize_outputs(config.skip_existing)
     if not previous.embedding_files:
         raise IncrementalRunError(f"--skip_existing {config.skip_existing} holds no embeddings-*.parquet files.")
+    if not is_finished_run(config.skip_existing):
+        raise IncrementalRunError(
+            f"--skip_existing {config.skip_existing} is not a finished run (no {RUN_REPORT}): its files may be "
+            f"partial. Rerun it, or pass --force_full_run to embed everything."
+        )
     differences = [
         f"{key}: {previous.metadata.get(key)!r} then, {metadata[key]!r} now"
         for key in COMPARABLE_METADATA
@@ -153,11 +169,13 @@ def run(config: JobConfig, beam_args: Sequence[str]) -> dict:
     """Checks, runs and reports one job; raises on anything that makes the run unusable."""
     options = PipelineOptions(list(beam_args))
     config = with_thread_defaults(config, options)
-    check_input(config.input)
+    plan = plan_input(config.input)
     metadata = output_metadata(config)
     check_previous_output(config, metadata)
-    prepare_output_dir(config.output_dir, config.overwrite)
+    replaced = earlier_results(config.output_dir, config.overwrite)
     check_model(config.embed)
+    prepare_output_dir(config.output_dir, replaced)  # last: a refused run changes nothing
+    print(plan.describe(config.input), flush=True)
     started = datetime.datetime.now(datetime.timezone.utc)
     p = beam.Pipeline(options=options)
     build_pipeline(p, config, metadata)
@@ -176,6 +194,7 @@ def run(config: JobConfig, beam_args: Sequence[str]) -> dict:
         "seconds": round(seconds, 2),
         "runner": options.view_as(StandardOptions).runner or "DirectRunner",
         "input": config.input,
+        "input_found": {"kind": plan.kind, plan.unit.replace(" ", "_"): plan.inputs, "left_out_by_extension": plan.left_out},
         "output": config.output_dir,
         "skip_existing": config.skip_existing,
         "model": config.model.name,

@@ -50,3 +50,27 @@ def vectors_by_id(table: pa.Table) -> dict[str, np.ndarray]:
     dim = table.schema.field("embedding").type.list_size
     matrix = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)
     return dict(zip(table.column("id").to_pylist(), matrix))
+
+
+_COLLECTED: dict = {}
+
+
+def _collect_into(element, key):
+    _COLLECTED[key].append(element)
+
+
+def run_and_collect(build) -> list:
+    """Runs a small in-process Beam pipeline; `build(p)` returns a PCollection whose elements are returned.
+
+    Elements go to a module-level list by key: DoFns are pickled, so a closure over a local list
+    would fill a copy.
+    """
+    import uuid
+
+    import apache_beam as beam
+
+    key = uuid.uuid4().hex
+    _COLLECTED[key] = []
+    with beam.Pipeline() as p:
+        _ = build(p) | beam.Map(_collect_into, key)
+    return _COLLECTED.pop(key)

@@ -1,11 +1,8 @@
 """Nothing lost: every input ends in exactly one output, bad inputs are reported with a reason, faults are retried."""
 
 import glob
-import http.server
-import io
 import os
 import struct
-import threading
 import zlib
 from unittest import mock
 
@@ -14,6 +11,7 @@ import pytest
 from PIL import Image
 
 from helpers import PHOTO_NAMES, encode, photo, read_embeddings, read_errors, run_pipeline, vectors_by_id
+from servers import WebServer
 from transforms.decode import ImageDecodeError, PreprocessConfig, decode_image
 from transforms.uri_reader import ReadConfig, ReadError, read_uri
 
@@ -111,58 +109,14 @@ def test_permission_denied_is_a_read_error(tmp_path):
             read_uri(str(tmp_path / "x.jpg"))
 
 
-class _Server:
-    """A local HTTP server with scripted failures; counts requests per path."""
-
-    def __init__(self, image: bytes):
-        self.hits = {}
-        self.failures_left = {"/flaky.jpg": 2, "/reset.jpg": 1}
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                server.hits[self.path] = server.hits.get(self.path, 0) + 1
-                left = server.failures_left.get(self.path, 0)
-                if left:
-                    server.failures_left[self.path] = left - 1
-                    if self.path == "/reset.jpg":
-                        self.connection.shutdown(2)  # drop the connection without a response
-                        return
-                    self.send_error(503)
-                    return
-                if self.path == "/missing.jpg":
-                    self.send_error(404)
-                elif self.path == "/slow.jpg":
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(image)))
-                    self.end_headers()
-                    threading.Event().wait(1.0)
-                else:
-                    self.send_response(200)
-                    self.send_header("Content-Length", str(len(image)))
-                    self.end_headers()
-                    self.wfile.write(image)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def server():
-    s = _Server(encode(photo("rocket"), "JPEG"))
+    s = WebServer(encode(photo("rocket"), "JPEG"))
     yield s
     s.close()
 
 
-FAST_RETRIES = ReadConfig(http_timeout_s=0.3, http_retries=3, http_backoff_s=0.01)
+FAST_RETRIES = ReadConfig(http_timeout_s=0.3, retries=3, backoff_s=0.01)
 
 
 def test_http_reads_retry_5xx_and_resets_with_backoff(server):
@@ -178,7 +132,7 @@ def test_http_4xx_is_not_retried(server):
 
 
 def test_http_read_timeout_is_bounded_and_reported(server):
-    with pytest.raises(ReadError, match="after 4 attempts; last: TimeoutError"):
+    with pytest.raises(ReadError, match="still failing after 4 attempts .no complete answer within 0.3 s"):
         read_uri(server.url + "/slow.jpg", FAST_RETRIES)
     assert server.hits["/slow.jpg"] == 4
 
@@ -190,7 +144,7 @@ def test_http_size_cap(server):
 
 def test_unreachable_http_host_is_reported_after_bounded_retries():
     with pytest.raises(ReadError, match="after 2 attempts"):
-        read_uri("http://127.0.0.1:9/x.jpg", ReadConfig(http_timeout_s=0.3, http_retries=1, http_backoff_s=0.01))
+        read_uri("http://127.0.0.1:9/x.jpg", ReadConfig(http_timeout_s=0.3, retries=1, backoff_s=0.01))
 
 
 # --- the invariant over a mixed corpus ---------------------------------------------------------------------------
@@ -241,39 +195,72 @@ def test_empty_manifest_gives_a_message_and_empty_valid_outputs(tmp_path, capsys
 
 # --- faults ------------------------------------------------------------------------------------------------------
 
-def _flaky(real, failures):
-    """Wraps `real` to raise ConnectionError the first time it sees each distinct argument shape/content."""
-    seen = set()
+def _fails_first(real, failures, fault):
+    """Wraps `real` to raise `fault` on the first `failures` calls."""
+    calls = {"n": 0}
 
     def wrapper(*args, **kwargs):
-        key = hash(bytes(memoryview(np.ascontiguousarray(args[-1] if not isinstance(args[0], bytes) else args[0]))))
-        if key not in seen and len(seen) < failures:
-            seen.add(key)
-            raise ConnectionError("injected transient fault")
+        calls["n"] += 1
+        if calls["n"] <= failures:
+            raise fault
         return real(*args, **kwargs)
     return wrapper
 
 
-@pytest.mark.parametrize("target", ["decode", "inference"])
-def test_transient_faults_are_retried_by_the_runner_and_each_id_is_written_once(tmp_path, mobilenet_handle, target):
-    import transforms.decode
-    import transforms.embed
-
+@pytest.fixture
+def four_photos(tmp_path):
     images = tmp_path / "imgs"
     images.mkdir()
     for name in PHOTO_NAMES[:4]:
         (images / f"{name}.png").write_bytes(encode(photo(name)[:200, :200], "PNG"))
-    if target == "decode":
-        patch = mock.patch.object(transforms.decode, "decode_image", _flaky(transforms.decode.decode_image, 2))
-    else:
-        patch = mock.patch.object(transforms.embed.HubEmbedder, "__call__",
-                                  _flaky(transforms.embed.HubEmbedder.__call__, 1))
+    return images
+
+
+def test_transient_read_errors_are_retried_within_the_step_on_the_plain_direct_runner(tmp_path, four_photos,
+                                                                                       mobilenet_handle):
+    from apache_beam.io.filesystems import FileSystems
+
+    flaky_open = _fails_first(FileSystems.open, 3, ConnectionError("injected reset"))
     out = str(tmp_path / "out")
-    with patch:
-        assert run_pipeline("--input", f"{images}/*", "--output", out, "--model_handle", mobilenet_handle,
+    with mock.patch.object(FileSystems, "open", flaky_open):
+        assert run_pipeline("--input", f"{four_photos}/*", "--output", out, "--model_handle", mobilenet_handle) == 0
+    assert sorted(read_embeddings(out).column("id").to_pylist()) == sorted(glob.glob(f"{four_photos}/*"))
+
+
+def test_a_read_that_stays_transient_becomes_a_failure_row_and_the_job_succeeds(tmp_path, four_photos,
+                                                                                  mobilenet_handle):
+    from apache_beam.io.filesystems import FileSystems
+
+    real_open = FileSystems.open
+
+    def open_never_rocket(path, *args, **kwargs):
+        if path.endswith("rocket.png"):
+            raise TimeoutError("injected: the store keeps timing out")
+        return real_open(path, *args, **kwargs)
+
+    out = str(tmp_path / "out")
+    with mock.patch.object(FileSystems, "open", open_never_rocket):
+        assert run_pipeline("--input", f"{four_photos}/*", "--output", out, "--model_handle", mobilenet_handle,
+                            "--read_retries", "2") == 0
+    [error] = read_errors(out).to_pylist()
+    assert error["id"].endswith("rocket.png") and error["stage"] == "read"
+    assert "still failing after 3 attempts (TimeoutError: injected" in error["error"]
+    assert "the next run tries it again" in error["error"]
+    assert read_embeddings(out).num_rows == 3
+
+
+def test_environment_errors_of_the_model_are_retried_by_the_runner_and_each_id_is_written_once(
+        tmp_path, four_photos, mobilenet_handle):
+    import transforms.embed
+
+    fault = transforms.embed.ModelEnvironmentError("injected ResourceExhaustedError")
+    flaky = _fails_first(transforms.embed.HubEmbedder.__call__, 1, fault)
+    out = str(tmp_path / "out")
+    with mock.patch.object(transforms.embed.HubEmbedder, "__call__", flaky):
+        assert run_pipeline("--input", f"{four_photos}/*", "--output", out, "--model_handle", mobilenet_handle,
                             "--runner", "BundleBasedDirectRunner") == 0
     ids = read_embeddings(out).column("id").to_pylist()
-    assert sorted(ids) == sorted(glob.glob(f"{images}/*")) and read_errors(out).num_rows == 0
+    assert sorted(ids) == sorted(glob.glob(f"{four_photos}/*")) and read_errors(out).num_rows == 0
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,8 @@ def test_tfrecord_examples_are_embedded_under_their_ids(tmp_path, mobilenet_hand
     table = read_embeddings(str(out))
     expected = sorted(f"{shard}-{name}.JPEG" for shard in range(2) for name in PHOTO_NAMES[shard * 3:shard * 3 + 3])
     assert sorted(table.column("id").to_pylist()) == expected
-    assert set(table.column("uri").to_pylist()) == {f"{pattern}#{id_}" for id_ in expected}
+    assert set(table.column("uri").to_pylist()) == {
+        f"{tmp_path}/train.tfrecord-0000{id_[0]}-of-00002#{id_}" for id_ in expected}
     assert read_errors(str(out)).num_rows == 0
 
 
@@ -47,6 +48,20 @@ def test_feature_names_are_configurable_and_bad_records_are_reported(tmp_path, m
     stages = {r["id"]: (r["stage"], r["error"]) for r in read_errors(str(out)).to_pylist()}
     assert stages["garbage"][0] == "decode"
     assert stages["no-image"] == ("manifest", "Record no-image has no 'jpeg' feature.")
+
+
+def test_duplicate_ids_keep_the_first_record_in_file_order(tmp_path, mobilenet_handle):
+    for shard, names in enumerate([("rocket", "chelsea"), ("coffee", "astronaut")]):
+        _write_examples(tmp_path / f"d.tfrecord-{shard}", [
+            {"image/encoded": encode(photo(name)[:100, :100], "PNG"), "image/filename": b"same"} for name in names])
+    out = tmp_path / "out"
+    assert run_pipeline("--input", f"{tmp_path}/d.tfrecord-*", "--output", str(out), "--model_handle",
+                        mobilenet_handle) == 0
+    assert read_embeddings(str(out)).column("uri").to_pylist() == [f"{tmp_path}/d.tfrecord-0#same"]
+    messages = sorted(r["error"] for r in read_errors(str(out)).to_pylist())
+    first = f"record 0 of {tmp_path}/d.tfrecord-0"
+    assert messages == [f"Duplicate id: the record {i} of {tmp_path}/d.tfrecord-{s} repeats the id of the {first}, "
+                        f"which is the one embedded." for s, i in ((0, 1), (1, 0), (1, 1))]
 
 
 def test_a_tfrecord_pattern_that_matches_nothing_is_refused(tmp_path, mobilenet_handle, capsys):

@@ -9,7 +9,9 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import gc
 import io
+import threading
 from typing import Union
 
 import apache_beam as beam
@@ -17,7 +19,7 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms.records import FAILED, TRANSIENT_ERRORS, DecodedImage, Failure, ImageRef, Stage, describe_exception
+from transforms.records import FAILED, DecodedImage, Failure, ImageRef, Stage, describe_exception
 from transforms.uri_reader import ReadConfig, ReadError, read_uri
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
@@ -47,12 +49,52 @@ class ImageDecodeError(ValueError):
     """The bytes are not an image this pipeline can embed; the message says why."""
 
 
+class _PerThreadFlag:
+    """Replaces PIL's process-wide `ImageFile.LOAD_TRUNCATED_IMAGES` with a value per thread.
+
+    Pillow only ever tests the flag's truth, so each decode thread can set its own without racing
+    the others (Dataflow runs many bundle threads per process). Threads that never set it see the
+    value the process had when this was installed.
+    """
+
+    def __init__(self, default):
+        self._default = bool(default)
+        self._local = threading.local()
+
+    def __bool__(self) -> bool:
+        return getattr(self._local, "value", self._default)
+
+    def set(self, value: bool) -> None:
+        self._local.value = value
+
+    def reset(self) -> None:
+        self._local.__dict__.pop("value", None)
+
+
+_install_lock = threading.Lock()
+
+
+def _truncation_flag() -> _PerThreadFlag:
+    from PIL import ImageFile
+
+    with _install_lock:
+        if not isinstance(ImageFile.LOAD_TRUNCATED_IMAGES, _PerThreadFlag):
+            ImageFile.LOAD_TRUNCATED_IMAGES = _PerThreadFlag(ImageFile.LOAD_TRUNCATED_IMAGES)
+        return ImageFile.LOAD_TRUNCATED_IMAGES
+
+
+# EXIF orientations that neither swap the axes nor change pixels when applied after the resize
+# (flips and the half turn commute exactly with PIL's separable resampling to a square; measured).
+_ORIENTATIONS_AFTER_RESIZE = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM"}
+_EXIF_ORIENTATION = 0x0112
+
+
 def decode_image(data: bytes, config: PreprocessConfig) -> np.ndarray:
     """Decodes image bytes into uint8 [size, size, 3] RGB.
 
     Pixel count is checked from the header before any pixel is allocated (decompression bombs).
     """
-    from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
         raise ImageDecodeError("The file is empty (0 bytes).")
@@ -60,6 +102,7 @@ def decode_image(data: bytes, config: PreprocessConfig) -> np.ndarray:
     # Our limit, checked from the header below, replaces PIL's process-wide one, which would warn or
     # raise at a fixed 89 / 179 megapixels whatever --max_image_pixels says.
     Image.MAX_IMAGE_PIXELS = None
+    truncation = _truncation_flag()
     try:
         image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except UnidentifiedImageError:
@@ -78,33 +121,42 @@ def decode_image(data: bytes, config: PreprocessConfig) -> np.ndarray:
         if image.format in ("JPEG", "MPO"):
             # Decode straight to the smallest DCT scale still at least the target size in both sides.
             image.draft(image.mode, (config.image_size, config.image_size))
-        previous_truncated_setting = ImageFile.LOAD_TRUNCATED_IMAGES
-        ImageFile.LOAD_TRUNCATED_IMAGES = config.allow_truncated
+        truncation.set(config.allow_truncated)
         try:
             image.load()
         except OSError as exc:
-            raise ImageDecodeError(f"The image data is corrupt or truncated ({' '.join(str(exc).split())}).") from None
+            hint = "" if config.allow_truncated else " Pass --allow_truncated_images to embed it with the missing part grey."
+            raise ImageDecodeError(
+                f"The image data is corrupt or truncated ({' '.join(str(exc).split())}).{hint}"
+            ) from None
         finally:
-            ImageFile.LOAD_TRUNCATED_IMAGES = previous_truncated_setting
-        upright = ImageOps.exif_transpose(image)
+            truncation.reset()
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+        if orientation in _ORIENTATIONS_AFTER_RESIZE:
+            late_transpose = getattr(Image.Transpose, _ORIENTATIONS_AFTER_RESIZE[orientation])
+            upright = image
+        else:
+            late_transpose = None
+            upright = ImageOps.exif_transpose(image)  # swaps axes: must precede the resize for the same pixels
         rgb = _to_rgb(upright, config.background)
         if config.resize_mode == "center_crop":
             resized = ImageOps.fit(rgb, (config.image_size,) * 2, method=Image.Resampling.BICUBIC)
         else:
             resized = rgb.resize((config.image_size,) * 2, Image.Resampling.BICUBIC)
+        if late_transpose is not None:
+            resized = resized.transpose(late_transpose)
         return np.asarray(resized, dtype=np.uint8)
 
 
+_STRIP_ROWS = 256
+
+
 def _to_rgb(image, background: tuple):
-    """Any PIL mode -> 8-bit RGB: 16-bit scaled (not clipped), alpha composited over `background`."""
+    """Any PIL mode -> 8-bit RGB: 16/32-bit scaled (not clipped), alpha composited over `background`."""
     from PIL import Image
 
-    if image.mode.startswith("I"):  # 16/32-bit integer greyscale; PIL's convert("L") would clip
-        values = np.asarray(image).astype(np.float64)
-        scale = 255.0 / (65535.0 if values.max(initial=0) > 255 or image.mode.startswith("I;16") else 255.0)
-        image = Image.fromarray(np.clip(values * scale + 0.5, 0, 255).astype(np.uint8), "L")
-    elif image.mode == "F":
-        image = Image.fromarray(np.clip(np.asarray(image) * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if image.mode.startswith("I") or image.mode == "F":
+        image = Image.fromarray(_high_depth_to_uint8(image), "L")
     has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     if has_alpha:
         rgba = image.convert("RGBA")
@@ -113,34 +165,69 @@ def _to_rgb(image, background: tuple):
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def read_and_decode(ref: ImageRef, preprocess: PreprocessConfig, read: ReadConfig) -> Union[DecodedImage, Failure]:
-    """One input's pixels, or the Failure that says why not. Transient errors propagate (the runner retries)."""
+def _high_depth_to_uint8(image) -> np.ndarray:
+    """Integer greyscale (16 or 32 bit) as the 16-bit range 0..65535, float as 0..1, mapped to 0..255.
+
+    A fixed range per mode keeps the mapping monotonic across images. Converted a strip of rows at a
+    time, so memory stays near the image's own size instead of several float64 copies of it.
+    """
+    values = np.asarray(image)
+    out = np.empty(values.shape, np.uint8)
+    scale = 255.0 if image.mode == "F" else 255.0 / 65535.0
+    for start in range(0, values.shape[0], _STRIP_ROWS):
+        strip = values[start:start + _STRIP_ROWS].astype(np.float32) * np.float32(scale)
+        out[start:start + _STRIP_ROWS] = np.clip(np.rint(strip), 0, 255)
+    return out
+
+
+# Attempts at one image that keeps running out of memory before it is reported instead of retried.
+MEMORY_ATTEMPTS = 3
+
+
+def _read_bytes(ref: ImageRef, read: ReadConfig) -> Union[bytes, Failure]:
+    if ref.data is not None:
+        return ref.data
     try:
-        data = ref.data if ref.data is not None else read_uri(ref.uri, read)
+        return read_uri(ref.uri, read)
     except ReadError as exc:
         return Failure(ref.id, ref.uri, Stage.READ, str(exc))
-    try:
-        return DecodedImage(ref.id, ref.uri, decode_image(data, preprocess))
-    except ImageDecodeError as exc:
-        return Failure(ref.id, ref.uri, Stage.DECODE, str(exc))
-    except TRANSIENT_ERRORS:
-        raise
-    except Exception as exc:  # corrupt files make PIL raise many types; each is this input's fault
-        return Failure(ref.id, ref.uri, Stage.DECODE, f"The image could not be decoded ({describe_exception(exc)}).")
+    except MemoryError:
+        return Failure(ref.id, ref.uri, Stage.READ, "Ran out of memory reading this input.")
+
+
+def decode_read_bytes(ref: ImageRef, data: bytes, preprocess: PreprocessConfig) -> Union[DecodedImage, Failure]:
+    """Decoded pixels or a decode Failure; an image that keeps exhausting memory is reported, not retried forever."""
+    for attempt in range(1, MEMORY_ATTEMPTS + 1):
+        try:
+            return DecodedImage(ref.id, ref.uri, decode_image(data, preprocess))
+        except ImageDecodeError as exc:
+            return Failure(ref.id, ref.uri, Stage.DECODE, str(exc))
+        except MemoryError:
+            gc.collect()  # other images' memory may free up; a deterministic blow-up ends as a failure row
+            if attempt == MEMORY_ATTEMPTS:
+                return Failure(ref.id, ref.uri, Stage.DECODE,
+                               f"Ran out of memory decoding this image {MEMORY_ATTEMPTS} times.")
+        except Exception as exc:  # corrupt files make PIL raise many types; each is this input's fault
+            return Failure(ref.id, ref.uri, Stage.DECODE, f"The image could not be decoded ({describe_exception(exc)}).")
+    raise AssertionError("unreachable")
 
 
 class DecodeImagesFn(beam.DoFn):
     """ImageRef -> DecodedImage; unreadable or undecodable inputs go to the FAILED output.
 
-    Decoding runs ahead on a small thread pool (PIL releases the GIL) while the fused downstream
-    inference computes, so decode and model overlap even in one process. At most `prefetch` images
-    are in flight; results are emitted in input order.
+    Reads run ahead on an I/O thread pool (downloads wait on the network, not the CPU) and decoding on
+    `threads` CPU threads (PIL releases the GIL), while the fused downstream inference computes. At
+    most `prefetch` inputs are in flight; results are emitted in input order, each in its own
+    element's window and with its timestamp.
     """
 
-    def __init__(self, preprocess: PreprocessConfig, read: ReadConfig, threads: int = 1, prefetch: int = 64):
+    def __init__(
+        self, preprocess: PreprocessConfig, read: ReadConfig, threads: int = 1, prefetch: int = 64, read_threads: int = 16
+    ):
         self._preprocess = preprocess
         self._read = read
         self._threads = threads
+        self._read_threads = read_threads
         self._prefetch = prefetch
         self._counters = {
             "decoded": Metrics.counter("embeddings", "decoded"),
@@ -149,36 +236,40 @@ class DecodeImagesFn(beam.DoFn):
         }
 
     def setup(self):
-        self._pool = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="decode")
+        self._read_pool = concurrent.futures.ThreadPoolExecutor(self._read_threads, thread_name_prefix="read")
+        self._decode_pool = concurrent.futures.ThreadPoolExecutor(self._threads, thread_name_prefix="decode")
 
     def start_bundle(self):
         self._in_flight = collections.deque()
 
+    def _read_then_decode(self, ref: ImageRef) -> Union[DecodedImage, Failure]:
+        data = _read_bytes(ref, self._read)
+        if isinstance(data, Failure):
+            return data
+        return self._decode_pool.submit(decode_read_bytes, ref, data, self._preprocess).result()
+
     def process(self, ref: ImageRef, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
-        self._in_flight.append((self._pool.submit(read_and_decode, ref, self._preprocess, self._read), window, timestamp))
+        self._in_flight.append((self._read_pool.submit(self._read_then_decode, ref), window, timestamp))
         while len(self._in_flight) > self._prefetch or (self._in_flight and self._in_flight[0][0].done()):
-            future, _, _ = self._in_flight.popleft()
-            yield self._output(future.result())
+            yield self._emit(*self._in_flight.popleft())
 
     def finish_bundle(self):
         while self._in_flight:
-            future, window, timestamp = self._in_flight.popleft()
-            output = self._output(future.result())
-            if isinstance(output, beam.pvalue.TaggedOutput):
-                yield beam.pvalue.TaggedOutput(output.tag, WindowedValue(output.value, timestamp, [window]))
-            else:
-                yield WindowedValue(output, timestamp, [window])
+            yield self._emit(*self._in_flight.popleft())
 
     def teardown(self):
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in (getattr(self, "_read_pool", None), getattr(self, "_decode_pool", None)):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
-    def _output(self, result: Union[DecodedImage, Failure]):
+    def _emit(self, future, window, timestamp):
+        result = future.result()
         # Counted here, in the bundle's thread: Beam metrics are not recorded from pool threads.
         if isinstance(result, Failure):
             self._counters[result.stage].inc()
-            return beam.pvalue.TaggedOutput(FAILED, result)
+            return beam.pvalue.TaggedOutput(FAILED, WindowedValue(result, timestamp, [window]))
         self._counters["decoded"].inc()
-        return result
+        return WindowedValue(result, timestamp, [window])
 
 
 class DecodeImages(beam.PTransform):

@@ -8,6 +8,7 @@ under Keras 3, unlike Beam's stock TF handler (it calls `tf.keras.models.load_mo
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 from typing import Iterable, NamedTuple, Optional, Sequence, Union
@@ -16,7 +17,7 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
-from transforms.records import FAILED, TRANSIENT_ERRORS, DecodedImage, Failure, Stage, describe_exception
+from transforms.records import FAILED, DecodedImage, Failure, Stage, describe_exception
 
 
 class Embedding(NamedTuple):
@@ -27,6 +28,21 @@ class Embedding(NamedTuple):
 
 class ModelOutputError(RuntimeError):
     """The model's output does not match its declared dim: a configuration error, not a data error."""
+
+
+class ModelEnvironmentError(RuntimeError):
+    """The machine failed the model call (out of device memory, an internal runtime fault), not the images.
+
+    Re-raised so that the runner retries the bundle, possibly elsewhere, instead of reporting every
+    image of the batch as bad.
+    """
+
+
+# TensorFlow errors that say nothing about the images (tf.errors class names).
+_ENVIRONMENT_ERRORS = ("ResourceExhaustedError", "InternalError", "UnavailableError", "AbortedError", "DataLossError")
+
+# Attempts at one image whose model call keeps running out of memory before it is reported.
+MEMORY_ATTEMPTS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +84,13 @@ class HubEmbedder:
             return module(tf.cast(pixels, tf.float32) / 255.0)
 
         self._embed = embed
+        self._environment_errors = tuple(getattr(tf.errors, name) for name in _ENVIRONMENT_ERRORS)
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        vectors = self._embed(pixels).numpy()
+        try:
+            vectors = self._embed(pixels).numpy()
+        except self._environment_errors as exc:
+            raise ModelEnvironmentError(describe_exception(exc)) from exc
         if vectors.ndim != 2 or vectors.shape != (len(pixels), self._dim):
             raise ModelOutputError(
                 f"The model returned shape {list(vectors.shape)} for {len(pixels)} images; "
@@ -106,21 +126,29 @@ class HubModelHandler(ModelHandler[DecodedImage, Union[Embedding, Failure], HubE
     ) -> Iterable[Union[Embedding, Failure]]:
         try:
             vectors = model(np.stack([image.pixels for image in batch]))
-        except (ModelOutputError, *TRANSIENT_ERRORS):
+        except (ModelOutputError, ModelEnvironmentError):
             raise
-        except Exception:
+        except Exception:  # MemoryError included: a smaller call may fit
             # One bad image must not take its batch down: retry image by image, report only failures.
             return [self._embed_alone(image, model) for image in batch]
         return [Embedding(image.id, image.uri, vector) for image, vector in zip(batch, vectors)]
 
     @staticmethod
     def _embed_alone(image: DecodedImage, model: HubEmbedder) -> Union[Embedding, Failure]:
-        try:
-            return Embedding(image.id, image.uri, model(image.pixels[np.newaxis])[0])
-        except (ModelOutputError, *TRANSIENT_ERRORS):
-            raise
-        except Exception as exc:
-            return Failure(image.id, image.uri, Stage.EMBED, f"The model failed on this image ({describe_exception(exc)}).")
+        for attempt in range(1, MEMORY_ATTEMPTS + 1):
+            try:
+                return Embedding(image.id, image.uri, model(image.pixels[np.newaxis])[0])
+            except (ModelOutputError, ModelEnvironmentError):
+                raise
+            except MemoryError:
+                gc.collect()
+                if attempt == MEMORY_ATTEMPTS:
+                    return Failure(image.id, image.uri, Stage.EMBED,
+                                   f"Ran out of memory embedding this image {MEMORY_ATTEMPTS} times.")
+            except Exception as exc:
+                return Failure(image.id, image.uri, Stage.EMBED,
+                               f"The model failed on this image ({describe_exception(exc)}).")
+        raise AssertionError("unreachable")
 
     def get_num_bytes(self, batch: Sequence[DecodedImage]) -> int:
         return sum(image.pixels.nbytes for image in batch)

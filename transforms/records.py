@@ -6,10 +6,6 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-# Errors of the environment, not of the input: a stage re-raises them so that the runner retries the
-# bundle (outputs of a failed bundle are discarded, so a retried element is still written once).
-TRANSIENT_ERRORS = (MemoryError, ConnectionError, TimeoutError)
-
 # Tag of the side output on which a stage emits the inputs it could not process.
 FAILED = "failed"
 

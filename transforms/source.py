@@ -1,22 +1,22 @@
-"""Source: a manifest file or a glob of image files -> unique (id, uri) inputs, spread across workers.
+"""Source: `--input` (a manifest, a folder, a glob of image files, or TFRecord files) -> unique (id, uri) inputs.
 
-Manifest formats, picked by extension:
-  .txt                          one URI a line; blank lines and lines starting with '#' are skipped
-  .csv / .tsv                   a header with a `uri` column and an optional `id` column
-  .jsonl                        one JSON object a line with "uri" and optional "id"
-  .parquet                      columns `uri` and optional `id`
-Without an id the id is the URI exactly as given. Ids must be unique: the first row with an id is
-embedded and every later row with the same id is reported as a duplicate (stage "manifest").
+Without an id the id is the URI exactly as given. Ids must be unique: the first row with an id (in
+file order) is embedded and every later row with the same id is reported as a duplicate (stage
+"manifest"). Grouping by id also spreads the work across workers.
+
+What `--input` is gets decided by what exists, and the launcher says which reading it chose:
+an existing folder -> every image file under it; an existing file with a manifest extension -> a
+manifest (even with `?` or `[` in its name); a name containing `.tfrecord` -> TFRecord files; glob
+characters -> a glob, where `**/` matches zero or more folders (as in bash globstar and gsutil).
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import json
+import itertools
 import os
-from typing import Iterator, NamedTuple, Optional
+import struct
+from typing import Iterator, Optional
 
 import apache_beam as beam
 from apache_beam.io import fileio
@@ -24,147 +24,110 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
+from transforms.manifest import (
+    MANIFEST_EXTENSIONS,
+    ManifestError,
+    ManifestRow,
+    ReadManifest,
+    check_manifest,
+    count_manifest_rows,
+    read_header,
+)
 from transforms.records import FAILED, Failure, ImageRef, Stage
 
-MANIFEST_EXTENSIONS = (".txt", ".csv", ".tsv", ".jsonl", ".parquet")
 GLOB_CHARACTERS = "*?["
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 SKIPPED_COUNTER = "skipped_existing"
 
 
-class ManifestError(ValueError):
-    """The manifest as a whole cannot be used (raised before the pipeline starts)."""
-
-
-class ManifestRow(NamedTuple):
-    """One manifest row, numbered from 1 in file order; `problem` is set when the row is unusable."""
-
-    row: int
-    id: str
-    uri: str
-    problem: Optional[str] = None
-    data: Optional[bytes] = None  # the encoded image, for inputs that carry it (TFRecord)
+def _is_directory(path: str) -> bool:
+    return os.path.isdir(path) or (path.endswith("/") and "://" in path)
 
 
 def input_kind(path: str) -> str:
-    """'tfrecord', 'glob' or 'manifest' for `--input`; anything else is a clear error."""
-    if ".tfrecord" in os.path.basename(path).lower():
-        return "tfrecord"
-    if any(ch in path for ch in GLOB_CHARACTERS):
-        return "glob"
-    if path.lower().endswith(MANIFEST_EXTENSIONS):
+    """'directory', 'manifest', 'tfrecord' or 'glob' for `--input`; anything else is a clear error."""
+    lower = os.path.basename(path.rstrip("/")).lower()
+    if _is_directory(path):
+        return "directory"
+    if lower.endswith(MANIFEST_EXTENSIONS) and (not _has_glob(path) or FileSystems.exists(path)):
         return "manifest"
-    if os.path.isdir(path):
-        raise ManifestError(f"--input {path} is a directory; give a glob such as '{path.rstrip('/')}/**/*.jpg'.")
+    if ".tfrecord" in lower:
+        return "tfrecord"
+    if _has_glob(path):
+        return "glob"
     raise ManifestError(
-        f"--input {path} is neither a glob nor a manifest ({', '.join(MANIFEST_EXTENSIONS)})."
+        f"--input {path} is not a folder, a glob, TFRecord files or a manifest ({', '.join(MANIFEST_EXTENSIONS)})."
+        + ("" if FileSystems.exists(path) else " It does not exist.")
     )
 
 
-def _manifest_format(path: str) -> str:
-    return os.path.splitext(path.lower())[1].lstrip(".")
+def _has_glob(path: str) -> bool:
+    return any(ch in path for ch in GLOB_CHARACTERS)
 
 
-def _open_text(path: str):
-    raw = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
-    # utf-8-sig drops a BOM; newline="" lets the csv module handle CRLF and quoted newlines.
-    return io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+def glob_variants(pattern: str) -> list[str]:
+    """Beam's `**` needs at least one folder; `**/` here matches zero or more, so match each way."""
+    parts = pattern.split("/**/")
+    variants = set()
+    for joints in itertools.product(("/**/", "/"), repeat=len(parts) - 1):
+        variants.add(parts[0] + "".join(j + p for j, p in zip(joints, parts[1:])))
+    return sorted(variants)
 
 
-def check_manifest(path: str) -> None:
-    """Fails fast, before any worker starts, on a manifest that is missing or lacks a `uri` column."""
-    if not FileSystems.exists(path):
-        raise ManifestError(f"Manifest {path} does not exist.")
-    fmt = _manifest_format(path)
-    if fmt in ("csv", "tsv"):
-        with _open_text(path) as f:
-            header = next(csv.reader(f, delimiter="," if fmt == "csv" else "\t"), None)
-        columns = [c.strip() for c in header or []]
-    elif fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            columns = pq.ParquetFile(f).schema_arrow.names
-    else:
-        return  # .txt has no columns; a .jsonl row without "uri" is reported per row
-    if "uri" not in columns:
-        raise ManifestError(f"Manifest {path} has no 'uri' column (columns: {', '.join(columns) or 'none'}).")
+def has_image_extension(path: str) -> bool:
+    return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def check_input(path: str) -> None:
-    """The launcher's checks of `--input`: manifest header, or TFRecord files that exist."""
+def _directory_pattern(path: str) -> str:
+    return FileSystems.join(path.rstrip("/"), "**")
+
+
+@dataclasses.dataclass(frozen=True)
+class InputPlan:
+    """What the launcher found behind `--input`, said before any work starts and kept in the run report."""
+
+    kind: str
+    inputs: int  # rows, files or TFRecord files, as `unit` says
+    unit: str
+    left_out: int = 0  # files in a folder without an image extension
+    columns: tuple = ()
+
+    def describe(self, path: str) -> str:
+        text = {
+            "manifest": f"Reading --input {path} as a manifest: {self.inputs} rows.",
+            "glob": f"Reading --input {path} as a glob: {self.inputs} files matched.",
+            "directory": f"Reading --input {path} as a folder: {self.inputs} image files under it",
+            "tfrecord": f"Reading --input {path} as TFRecord files of tf.train.Example: {self.inputs} files.",
+        }[self.kind]
+        if self.kind == "directory":
+            text += (f"; {self.left_out} other files left out by extension "
+                     f"(images: {', '.join(IMAGE_EXTENSIONS)})." if self.left_out else ".")
+        return text
+
+
+def _matched_paths(patterns: list[str]) -> list[str]:
+    found = set()
+    for result in FileSystems.match(patterns):
+        found.update(m.path for m in result.metadata_list)
+    return sorted(found)
+
+
+def plan_input(path: str) -> InputPlan:
+    """The launcher's look at `--input`: what kind it is and how many inputs it gives, or a clear error."""
     kind = input_kind(path)
     if kind == "manifest":
-        check_manifest(path)
-    elif kind == "tfrecord" and not FileSystems.match([path])[0].metadata_list:
-        raise ManifestError(f"--input {path} matches no TFRecord files.")
-
-
-def read_manifest(path: str) -> Iterator[ManifestRow]:
-    """Streams the rows of a manifest without holding it in memory."""
-    fmt = _manifest_format(path)
-    if fmt == "parquet":
-        yield from _read_parquet_manifest(path)
-        return
-    with _open_text(path) as f:
-        if fmt == "txt":
-            yield from _read_text_manifest(f)
-        elif fmt == "jsonl":
-            yield from _read_jsonl_manifest(f)
-        else:
-            yield from _read_csv_manifest(f, delimiter="," if fmt == "csv" else "\t")
-
-
-def _row(row: int, uri, id_=None) -> ManifestRow:
-    uri = "" if uri is None else str(uri).strip()
-    id_ = "" if id_ is None else str(id_).strip()
-    if not uri:
-        return ManifestRow(row, id_ or f"<row {row}>", "", f"Manifest row {row} has an empty uri.")
-    return ManifestRow(row, id_ or uri, uri)
-
-
-def _read_text_manifest(f) -> Iterator[ManifestRow]:
-    for number, line in enumerate(f, start=1):
-        uri = line.strip()
-        if uri and not uri.startswith("#"):
-            yield _row(number, uri)
-
-
-def _read_csv_manifest(f, delimiter: str) -> Iterator[ManifestRow]:
-    reader = csv.DictReader(f, delimiter=delimiter)
-    reader.fieldnames = [name.strip() for name in reader.fieldnames or []]
-    for number, record in enumerate(reader, start=1):
-        if not any((value or "").strip() for value in record.values() if isinstance(value, str)):
-            continue  # a blank line
-        yield _row(number, record.get("uri"), record.get("id"))
-
-
-def _read_jsonl_manifest(f) -> Iterator[ManifestRow]:
-    for number, line in enumerate(f, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield ManifestRow(number, f"<row {number}>", "", f"Manifest row {number} is not valid JSON ({exc.msg}).")
-            continue
-        if not isinstance(record, dict):
-            yield ManifestRow(number, f"<row {number}>", "", f"Manifest row {number} is not a JSON object.")
-            continue
-        yield _row(number, record.get("uri"), record.get("id"))
-
-
-def _read_parquet_manifest(path: str) -> Iterator[ManifestRow]:
-    import pyarrow.parquet as pq
-
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        parquet = pq.ParquetFile(f)
-        columns = [c for c in ("uri", "id") if c in parquet.schema_arrow.names]
-        number = 0
-        for batch in parquet.iter_batches(columns=columns, batch_size=65536):
-            ids = batch.column("id").to_pylist() if "id" in columns else [None] * batch.num_rows
-            for uri, id_ in zip(batch.column("uri").to_pylist(), ids):
-                number += 1
-                yield _row(number, uri, id_)
+        columns = check_manifest(path)
+        return InputPlan(kind, count_manifest_rows(path), "rows", columns=tuple(columns))
+    if kind == "directory":
+        files = _matched_paths([_directory_pattern(path)])
+        images = sum(1 for f in files if has_image_extension(f))
+        return InputPlan(kind, images, "files", left_out=len(files) - images)
+    if kind == "tfrecord":
+        files = _matched_paths([path])
+        if not files:
+            raise ManifestError(f"--input {path} matches no TFRecord files.")
+        return InputPlan(kind, len(files), "TFRecord files")
+    return InputPlan(kind, len(_matched_paths(glob_variants(path))), "files")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,12 +138,84 @@ class TFRecordFeatures:
     id: str = "image/filename"
 
 
-class ReadTFExampleImages(beam.PTransform):
-    """TFRecord files of tf.train.Example -> ManifestRow carrying the encoded image, read through tfx-bsl's TFXIO.
+_EXAMPLES_PER_DECODE = 256
 
-    TFXIO decodes the examples into Arrow record batches natively, so only the two needed features are
-    materialised in Python.
+
+def _tfrecords(path: str) -> Iterator[tuple]:
+    """(index, record bytes) of a TFRecord file; a damaged tail is one (index, None) at the end."""
+    with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as f:
+        for index in itertools.count():
+            header = f.read(12)
+            if not header:
+                return
+            if len(header) < 12:
+                yield index, None
+                return
+            (length,) = struct.unpack("<Q", header[:8])
+            record = f.read(length)
+            if len(record) < length or len(f.read(4)) < 4:
+                yield index, None
+                return
+            yield index, record
+
+
+def _read_tfrecord_file(path: str, features: TFRecordFeatures) -> Iterator[ManifestRow]:
+    """One TFRecord file -> ManifestRow per record, ordered by (file, record index).
+
+    tfx-bsl decodes the serialized examples a batch at a time into Arrow natively, so only the two
+    needed features are materialised in Python.
     """
+    from tensorflow_metadata.proto.v0 import schema_pb2
+    from tfx_bsl.coders.example_coder import ExamplesToRecordBatchDecoder
+
+    schema = schema_pb2.Schema()
+    for name in (features.image, features.id):
+        schema.feature.add(name=name, type=schema_pb2.BYTES)
+    decoder = ExamplesToRecordBatchDecoder(schema.SerializeToString())
+    records = _tfrecords(path)
+    while True:
+        chunk = list(itertools.islice(records, _EXAMPLES_PER_DECODE))
+        if not chunk:
+            return
+        yield from _rows_from_records(path, chunk, decoder, features)
+
+
+def _rows_from_records(path, chunk, decoder, features) -> Iterator[ManifestRow]:
+    complete = [(index, record) for index, record in chunk if record is not None]
+    for index, record in chunk:
+        if record is None:
+            where = f"record {index} of {path}"
+            yield ManifestRow((path, index), where, f"<{where}>", path, f"The TFRecord file {path} is truncated "
+                              f"at record {index}.")
+    try:
+        batch = decoder.DecodeBatch([record for _, record in complete])
+    except Exception:  # one bad example fails the batch: decode one by one to report just that one
+        for index, record in complete:
+            try:
+                yield from _rows_from_batch(path, [index], decoder.DecodeBatch([record]), features)
+            except Exception:
+                where = f"record {index} of {path}"
+                yield ManifestRow((path, index), where, f"<{where}>", path, f"The {where} is not a tf.train.Example.")
+        return
+    yield from _rows_from_batch(path, [index for index, _ in complete], batch, features)
+
+
+def _rows_from_batch(path, indices, batch, features) -> Iterator[ManifestRow]:
+    images = batch.column(features.image).to_pylist()
+    ids = batch.column(features.id).to_pylist()
+    for index, images_of_row, ids_of_row in zip(indices, images, ids):
+        order, where = (path, index), f"record {index} of {path}"
+        id_ = ids_of_row[0].decode("utf-8", "replace") if ids_of_row else ""
+        if not id_:
+            yield ManifestRow(order, where, f"<{where}>", path, f"The {where} has no '{features.id}'.")
+        elif not images_of_row:
+            yield ManifestRow(order, where, id_, f"{path}#{id_}", f"Record {id_} has no '{features.image}' feature.")
+        else:
+            yield ManifestRow(order, where, id_, f"{path}#{id_}", data=images_of_row[0])
+
+
+class ReadTFExampleImages(beam.PTransform):
+    """TFRecord files of tf.train.Example -> ManifestRow carrying the encoded image; files read in parallel."""
 
     def __init__(self, file_pattern: str, features: TFRecordFeatures):
         super().__init__()
@@ -188,32 +223,36 @@ class ReadTFExampleImages(beam.PTransform):
         self._features = features
 
     def expand(self, pbegin):
-        from tensorflow_metadata.proto.v0 import schema_pb2
-        from tfx_bsl.public import tfxio
-
-        schema = schema_pb2.Schema()
-        for name in (self._features.image, self._features.id):
-            schema.feature.add(name=name, type=schema_pb2.BYTES)
-        source = tfxio.TFExampleRecord(self._pattern, schema=schema, telemetry_descriptors=["beam-image-embeddings"])
         return (
             pbegin
-            | "ReadExamples" >> source.BeamSource(batch_size=256)
-            | "ToRows" >> beam.FlatMap(_rows_from_record_batch, self._pattern, self._features)
+            | "Pattern" >> beam.Create([self._pattern])
+            | "MatchFiles" >> fileio.MatchAll()
+            | "Paths" >> beam.Map(lambda metadata: metadata.path)
+            | "SpreadFiles" >> beam.Reshuffle()
+            | "ReadRecords" >> beam.FlatMap(_read_tfrecord_file, self._features)
         )
 
 
-def _rows_from_record_batch(batch, pattern: str, features: TFRecordFeatures) -> Iterator[ManifestRow]:
-    images = batch.column(features.image).to_pylist()
-    ids = batch.column(features.id).to_pylist()
-    for images_of_row, ids_of_row in zip(images, ids):
-        id_ = ids_of_row[0].decode("utf-8", "replace") if ids_of_row else ""
-        uri = f"{pattern}#{id_}"
-        if not id_:
-            yield ManifestRow(0, "<record without id>", pattern, f"A record in {pattern} has no '{features.id}'.")
-        elif not images_of_row:
-            yield ManifestRow(0, id_, uri, f"Record {id_} has no '{features.image}' feature.")
-        else:
-            yield ManifestRow(0, id_, uri, data=images_of_row[0])
+class MatchImageFiles(beam.PTransform):
+    """A glob (with `**/` matching zero or more folders) or a folder -> ManifestRow per file, each once."""
+
+    def __init__(self, path: str, kind: str):
+        super().__init__()
+        self._patterns = [_directory_pattern(path)] if kind == "directory" else glob_variants(path)
+        self._images_only = kind == "directory"
+
+    def expand(self, pbegin):
+        paths = (
+            pbegin
+            | "Patterns" >> beam.Create(self._patterns)
+            | "MatchFiles" >> fileio.MatchAll()
+            | "Paths" >> beam.Map(lambda metadata: metadata.path)
+        )
+        if self._images_only:
+            paths = paths | "ImagesOnly" >> beam.Filter(has_image_extension)
+        if len(self._patterns) > 1:  # the variants of a pattern with several `**/` may overlap
+            paths = paths | "Distinct" >> beam.Distinct()
+        return paths | "ToRows" >> beam.Map(lambda path: ManifestRow((path,), path, path, path))
 
 
 class _KeepFirstRowPerId(beam.DoFn):
@@ -228,7 +267,7 @@ class _KeepFirstRowPerId(beam.DoFn):
 
     def process(self, id_and_groups):
         id_, groups = id_and_groups
-        rows = sorted(groups["rows"], key=lambda row: row.row)
+        rows = sorted(groups["rows"], key=lambda row: row.order)
         if not rows:
             return  # an id of the previous output that this run's input does not list
         if any(True for _ in groups["previous"]):
@@ -238,7 +277,7 @@ class _KeepFirstRowPerId(beam.DoFn):
         yield ImageRef(id_, first.uri, first.data)
         for row in others:
             self._duplicates.inc()
-            message = f"Duplicate id: row {row.row} repeats the id of row {first.row}, which is the one embedded."
+            message = f"Duplicate id: the {row.where} repeats the id of the {first.where}, which is the one embedded."
             yield beam.pvalue.TaggedOutput(FAILED, Failure(id_, row.uri, Stage.MANIFEST, message))
 
 
@@ -270,21 +309,12 @@ class ReadImageRefs(beam.PTransform):
         self._tfrecord_features = tfrecord_features
 
     def expand(self, pbegin):
-        if self._kind == "glob":
-            rows = (
-                pbegin
-                | "Pattern" >> beam.Create([self._input])
-                | "MatchFiles" >> fileio.MatchAll()
-                | "ToRows" >> beam.Map(lambda metadata: ManifestRow(0, metadata.path, metadata.path))
-            )
+        if self._kind in ("glob", "directory"):
+            rows = pbegin | "MatchImageFiles" >> MatchImageFiles(self._input, self._kind)
         elif self._kind == "tfrecord":
             rows = pbegin | "ReadTFRecords" >> ReadTFExampleImages(self._input, self._tfrecord_features)
         else:
-            rows = (
-                pbegin
-                | "Manifest" >> beam.Create([self._input])
-                | "ReadManifest" >> beam.FlatMap(read_manifest)
-            )
+            rows = pbegin | "ReadManifest" >> ReadManifest(self._input, read_header(self._input))
         usable = rows | "SplitUnusable" >> beam.FlatMap(_split_problems).with_outputs(FAILED, main="rows")
         keyed = {"rows": usable.rows | "KeyById" >> beam.Map(lambda row: (row.id, row))}
         if self._previous:

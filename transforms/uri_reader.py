@@ -1,35 +1,100 @@
-"""Reads the bytes a URI names: anything Beam's FileSystems read, plus http(s) with timeouts and retries."""
+"""Reads the bytes a URI names: local paths, file://, any filesystem Beam reads (gs://, s3://, ...), and http(s).
+
+Every error is classified once, here:
+- the input's own fault (missing, forbidden, not a file, too large, unsupported scheme): `ReadError` at once;
+- transient (resets, timeouts, 5xx, 429, 408, throttling): retried within the step with exponential backoff,
+  then `ReadError` saying it persisted, so the input is reported (and retried by the next run) instead of
+  failing its bundle: Beam's local runners never retry a bundle, and a hosted runner gives up after four.
+A systemic outage still shows: every input fails, and `--max_error_rate` turns that into exit code 3.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import email.utils
 import http.client
+import socket
+import ssl
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
+from typing import Callable, Optional
 
-from transforms.records import TRANSIENT_ERRORS
+# Schemes read through Beam's FileSystems; "" is a local path.
+FILESYSTEM_SCHEMES = ("", "gs", "s3", "hdfs", "azfs")
+HTTP_SCHEMES = ("http", "https")
+_MAX_REDIRECTS = 5
+_MAX_RETRY_AFTER_S = 60.0
+_CHUNK = 1 << 16
+
+# google.api_core exception names (checked by name, so the gcp extra stays optional).
+_NOT_FOUND = ("NotFound",)
+_FORBIDDEN = ("Forbidden", "Unauthorized", "PermissionDenied")
+_TRANSIENT_NAMES = (
+    "ServiceUnavailable", "InternalServerError", "TooManyRequests", "BadGateway", "GatewayTimeout",
+    "DeadlineExceeded", "RetryError", "TransportError", "ChunkedEncodingError", "ConnectTimeout", "ReadTimeout",
+)
 
 
 class ReadError(OSError):
     """The URI's bytes could not be read; the message is the sentence reported to the user."""
 
 
+class TransientReadError(Exception):
+    """A failure worth retrying: the same read may well succeed in a moment."""
+
+    def __init__(self, problem: str, retry_after_s: Optional[float] = None):
+        super().__init__(problem)
+        self.retry_after_s = retry_after_s
+
+
 @dataclasses.dataclass(frozen=True)
 class ReadConfig:
     max_bytes: int = 64 * 1024 * 1024
-    http_timeout_s: float = 30.0
-    http_retries: int = 3
-    http_backoff_s: float = 0.5
+    http_timeout_s: float = 30.0  # a total deadline per http(s) attempt, not per socket operation
+    retries: int = 3  # of transient failures, on every scheme
+    backoff_s: float = 0.5
 
 
 def read_uri(uri: str, config: ReadConfig = ReadConfig()) -> bytes:
     """All bytes of `uri`, at most `config.max_bytes` (a larger object is an error, never truncated)."""
-    scheme = urllib.parse.urlparse(uri).scheme
-    if scheme in ("http", "https"):
-        return _read_http(uri, config)
-    return _read_filesystem(uri, config)
+    scheme = urllib.parse.urlsplit(uri).scheme.lower()
+    if len(scheme) == 1:  # a Windows drive letter, not a scheme
+        scheme = ""
+    if scheme in HTTP_SCHEMES:
+        read = _read_http
+    elif scheme == "file":
+        uri = urllib.parse.unquote(urllib.parse.urlsplit(uri).path)
+        read = _read_filesystem
+    elif scheme in FILESYSTEM_SCHEMES:
+        read = _read_filesystem
+    else:
+        raise ReadError(
+            f"{uri}: the scheme {scheme}:// is not supported; use a local path, file://, "
+            f"{', '.join(s + '://' for s in FILESYSTEM_SCHEMES if s)} or http(s)://."
+        )
+    return with_retries(lambda: read(uri, config), uri, config)
+
+
+def with_retries(read: Callable[[], bytes], uri: str, config: ReadConfig, sleep=time.sleep) -> bytes:
+    """Calls `read` until it succeeds, fails for good, or stays transient for `config.retries` retries."""
+    for attempt in range(config.retries + 1):
+        try:
+            return read()
+        except TransientReadError as exc:
+            if attempt == config.retries:
+                raise ReadError(
+                    f"Could not read {uri}: still failing after {attempt + 1} attempts ({exc}); "
+                    f"the next run tries it again."
+                ) from None
+            delay = config.backoff_s * 2**attempt
+            if exc.retry_after_s is not None:
+                delay = max(delay, min(exc.retry_after_s, _MAX_RETRY_AFTER_S))
+            sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {' '.join(str(exc).split()) or 'no details'}"
 
 
 def _read_filesystem(uri: str, config: ReadConfig) -> bytes:
@@ -40,18 +105,28 @@ def _read_filesystem(uri: str, config: ReadConfig) -> bytes:
         # UNCOMPRESSED: an image named *.gz is still read as its raw bytes, never inflated.
         with FileSystems.open(uri, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             data = f.read(config.max_bytes + 1)
-    except TRANSIENT_ERRORS:
-        raise  # the runner retries the bundle
-    except IsADirectoryError:
-        raise ReadError(f"{uri} is a directory, not a file.") from None
-    except FileNotFoundError:
-        raise ReadError(f"{uri} does not exist.") from None
-    except PermissionError:
-        raise ReadError(f"Permission denied reading {uri}.") from None
-    except OSError as exc:
-        raise ReadError(f"Could not read {uri}: {' '.join(str(exc).split())}") from None
+    except MemoryError:
+        raise
+    except Exception as exc:
+        raise _classify_filesystem_error(uri, exc) from None
     _check_size(uri, len(data), config)
     return data
+
+
+def _classify_filesystem_error(uri: str, exc: Exception) -> Exception:
+    """The filesystem's exception as ReadError (this input's fault) or TransientReadError (try again)."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if isinstance(exc, IsADirectoryError):
+        return ReadError(f"{uri} is a directory, not a file.")
+    if isinstance(exc, FileNotFoundError) or names & set(_NOT_FOUND):
+        return ReadError(f"{uri} does not exist.")
+    if isinstance(exc, PermissionError) or names & set(_FORBIDDEN):
+        return ReadError(f"Permission denied reading {uri}.")
+    if isinstance(exc, (ConnectionError, TimeoutError, socket.timeout)) or names & set(_TRANSIENT_NAMES):
+        return TransientReadError(_one_line(exc))
+    if isinstance(exc, ValueError):  # Beam: no filesystem for the scheme (e.g. s3:// without apache-beam[aws])
+        return ReadError(f"Could not read {uri}: {' '.join(str(exc).split())}")
+    return ReadError(f"Could not read {uri} ({_one_line(exc)}).")
 
 
 def _check_size(uri: str, size: int, config: ReadConfig) -> None:
@@ -59,26 +134,88 @@ def _check_size(uri: str, size: int, config: ReadConfig) -> None:
         raise ReadError(f"{uri} is larger than the {config.max_bytes}-byte limit (--max_image_bytes).")
 
 
+def _request_target(parts: urllib.parse.SplitResult) -> str:
+    """Path and query, percent-encoded: URLs with non-ASCII characters are valid input."""
+    safe = "/%:@!$&'()*+,;=~-._"
+    path = urllib.parse.quote(parts.path or "/", safe=safe)
+    return path + (f"?{urllib.parse.quote(parts.query, safe=safe + '?')}" if parts.query else "")
+
+
+def _retry_after_s(value: Optional[str]) -> Optional[float]:
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
 def _read_http(uri: str, config: ReadConfig) -> bytes:
-    """GET with connect/read timeouts; retries resets, timeouts and 5xx with backoff, never 4xx."""
-    last_problem = ""
-    for attempt in range(config.http_retries + 1):
-        if attempt:
-            time.sleep(config.http_backoff_s * 2 ** (attempt - 1))
+    """One GET within a total deadline of `http_timeout_s` (connect, headers and body together)."""
+    deadline = time.monotonic() + config.http_timeout_s
+
+    too_slow = f"no complete answer within {config.http_timeout_s:g} s (--http_timeout)"
+
+    def remaining() -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TransientReadError(too_slow)
+        return left
+
+    location = uri
+    for _ in range(_MAX_REDIRECTS + 1):
+        parts = urllib.parse.urlsplit(location)
+        if parts.scheme.lower() not in HTTP_SCHEMES or not parts.hostname:
+            raise ReadError(f"{uri}: not a valid http(s) URL ({location}).")
+        connection_class = http.client.HTTPSConnection if parts.scheme.lower() == "https" else http.client.HTTPConnection
         try:
-            request = urllib.request.Request(uri, headers={"User-Agent": "beam-image-embeddings"})
-            with urllib.request.urlopen(request, timeout=config.http_timeout_s) as response:
-                declared = response.headers.get("Content-Length")
-                if declared and declared.isdigit():
-                    _check_size(uri, int(declared), config)
-                data = response.read(config.max_bytes + 1)
-            _check_size(uri, len(data), config)
-            return data
-        except urllib.error.HTTPError as exc:
-            if exc.code < 500:
-                raise ReadError(f"HTTP {exc.code} {exc.reason} for {uri}.") from None
-            last_problem = f"HTTP {exc.code} {exc.reason}"
-        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as exc:
-            reason = getattr(exc, "reason", exc)
-            last_problem = f"{type(reason).__name__}: {reason}"
-    raise ReadError(f"Could not fetch {uri} after {config.http_retries + 1} attempts; last: {last_problem}.")
+            connection = connection_class(parts.hostname, parts.port, timeout=remaining())
+        except ValueError as exc:  # a malformed port
+            raise ReadError(f"{uri}: not a valid http(s) URL ({exc}).") from None
+        try:
+            connection.connect()
+            sock = connection.sock  # kept: the connection lets go of it once the response says "close"
+            connection.request("GET", _request_target(parts), headers={"User-Agent": "beam-image-embeddings"})
+            sock.settimeout(remaining())
+            response = connection.getresponse()
+            if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
+                location = urllib.parse.urljoin(location, response.getheader("Location"))
+                continue
+            if response.status in (408, 429) or response.status >= 500:
+                raise TransientReadError(
+                    f"HTTP {response.status} {response.reason}", _retry_after_s(response.getheader("Retry-After"))
+                )
+            if response.status != 200:
+                raise ReadError(f"HTTP {response.status} {response.reason} for {uri}.")
+            declared = response.getheader("Content-Length")
+            if declared and declared.isdigit():
+                _check_size(uri, int(declared), config)
+            chunks, size = [], 0
+            while True:
+                sock.settimeout(remaining())
+                chunk = response.read1(_CHUNK)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                _check_size(uri, size, config)
+            return b"".join(chunks)
+        except (ReadError, TransientReadError):
+            raise
+        except socket.gaierror as exc:  # an unknown host is this input's fault; a DNS hiccup is not
+            if exc.errno == socket.EAI_AGAIN:
+                raise TransientReadError(_one_line(exc)) from None
+            raise ReadError(f"Could not fetch {uri} ({_one_line(exc)}).") from None
+        except ssl.SSLCertVerificationError as exc:
+            raise ReadError(f"Could not fetch {uri} ({_one_line(exc)}).") from None
+        except TimeoutError:  # the socket waited out the rest of the deadline
+            raise TransientReadError(too_slow) from None
+        except (OSError, http.client.HTTPException) as exc:  # resets, truncated bodies
+            raise TransientReadError(_one_line(exc)) from None
+        except UnicodeError as exc:  # a host name IDNA cannot encode
+            raise ReadError(f"{uri}: not a valid http(s) URL ({_one_line(exc)}).") from None
+        finally:
+            connection.close()
+    raise ReadError(f"{uri}: more than {_MAX_REDIRECTS} redirects.")
