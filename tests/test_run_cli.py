@@ -92,7 +92,7 @@ def test_txt_manifest_ids_duplicates_and_missing_files_through_the_pipeline(tmp_
     assert sorted(read_embeddings(out).column("id").to_pylist()) == sorted([rocket, chelsea])
     errors = {(r["id"], r["stage"]): r["error"] for r in read_errors(out).to_pylist()}
     assert errors == {
-        (rocket, "manifest"): f"Duplicate id: the row at byte {len(rocket) + len(chelsea) + 13} repeats the id of the "
+        (rocket, "manifest"): f"Duplicate id: the row at byte {len(rocket) + len(chelsea) + 12} repeats the id of the "
                               f"row at byte 9, which is the one embedded.",
         (f"{tmp_path}/missing.jpg", "read"): f"{tmp_path}/missing.jpg does not exist.",
     }
