@@ -109,3 +109,32 @@ def test_run_local_script_embeds_the_samples_and_falls_back_loudly_when_the_hub_
     assert "No errors." in result.stdout and "NOT meaningful" in result.stdout
     table = read_embeddings(str(tmp_path / "out"))
     assert table.num_rows == n_samples and table.schema.metadata[b"embedding.weights"].startswith(b"STAND-IN")
+
+
+def test_overwrite_deletes_nothing_when_a_later_check_refuses_the_run(tmp_path, capsys, mobilenet_handle):
+    out = str(tmp_path / "o")
+    args = ("--input", f"{SAMPLES}/rocket.jpg*", "--output", out)
+    assert run_pipeline(*args, "--model_handle", mobilenet_handle) == 0
+    before = sorted(os.listdir(out))
+    assert run_pipeline(*args, "--model_handle", str(tmp_path / "no-such-model"), "--overwrite") == 2
+    assert sorted(os.listdir(out)) == before
+
+
+def test_skip_existing_may_not_be_the_output_itself(tmp_path, capsys, mobilenet_handle):
+    out = str(tmp_path / "o")
+    args = ("--input", f"{SAMPLES}/rocket.jpg*", "--output", out, "--model_handle", mobilenet_handle)
+    assert run_pipeline(*args) == 0
+    assert run_pipeline(*args, "--skip_existing", out + "/", "--overwrite") == 2
+    assert "--skip_existing and --output are the same folder" in capsys.readouterr().err
+    assert read_embeddings(out).num_rows == 1
+
+
+def test_an_unfinished_run_is_not_accepted_as_an_earlier_output(tmp_path, capsys, mobilenet_handle):
+    first = tmp_path / "first"
+    assert run_pipeline("--input", f"{SAMPLES}/rocket.jpg*", "--output", str(first), "--model_handle",
+                        mobilenet_handle) == 0
+    (first / "run_report.json").unlink()  # as if the run died between its sinks and its report
+    code = run_pipeline("--input", f"{SAMPLES}/*", "--output", str(tmp_path / "second"), "--model_handle",
+                        mobilenet_handle, "--skip_existing", str(first))
+    assert code == 2 and "is not a finished run (no run_report.json)" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "second")
