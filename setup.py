@@ -11,6 +11,7 @@ REQUIRED = [
     "tfx-bsl==1.21.0",
     "pyarrow==25.0.1",
     "pillow==12.3.0",
+    "rich==15.0.0",  # the progress bar
 ]
 
 TEST = [

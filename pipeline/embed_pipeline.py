@@ -2,34 +2,40 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+import uuid
+from typing import Mapping, Optional
 
 import apache_beam as beam
 
 from pipeline.options import JobConfig
 from transforms.decode import DecodeImages
 from transforms.embed import EmbedImages
-from transforms.progress import ReportProgress
+from transforms.progress import CountDone
 from transforms.records import FAILED
 from transforms.sink import EMBEDDINGS_PREFIX, WriteEmbeddings, WriteErrors, output_files_pattern
-from transforms.source import ReadImageRefs
+from transforms.source import SKIPPED, ReadImageRefs
 
 
-def build_pipeline(p: beam.Pipeline, config: JobConfig, metadata: Mapping[str, str]) -> None:
-    """Adds the embedding job to `p`. Every input ends in exactly one of the two outputs."""
+def build_pipeline(
+    p: beam.Pipeline, config: JobConfig, metadata: Mapping[str, str], progress_dir: Optional[str] = None
+) -> None:
+    """Adds the embedding job to `p`. Every input ends in exactly one of the two outputs.
+
+    Finished inputs are counted for progress (unless --progress_interval 0): into `progress_dir` when
+    the launcher can read the workers' files, as log lines on the workers otherwise.
+    """
     previous = None
     if config.skip_existing and not config.force_full_run:
         previous = output_files_pattern(config.skip_existing, EMBEDDINGS_PREFIX)
     inputs = p | "ReadInputs" >> ReadImageRefs(config.input, previous, config.tfrecord_features)
     decoded = inputs["refs"] | "Decode" >> DecodeImages(config.preprocess, config.read, config.decode_threads)
     embedded = decoded.decoded | "Embed" >> EmbedImages(config.embed)
-    _ = (
-        embedded.embeddings
-        | "Progress" >> beam.ParDo(ReportProgress(config.progress_interval_s))
-        | "WriteEmbeddings" >> WriteEmbeddings(config.output_dir, config.model.dim, metadata)
-    )
-    _ = (
-        (inputs[FAILED], decoded[FAILED], embedded[FAILED])
-        | "AllFailures" >> beam.Flatten()
-        | "WriteErrors" >> WriteErrors(config.output_dir)
-    )
+    failures = (inputs[FAILED], decoded[FAILED], embedded[FAILED]) | "AllFailures" >> beam.Flatten()
+    embeddings = embedded.embeddings
+    if config.progress_interval_s > 0:
+        run_id = uuid.uuid4().hex  # fixed when the pipeline is built, so every worker shares it
+        embeddings = embeddings | "CountEmbedded" >> beam.ParDo(CountDone(run_id, progress_dir, config.progress_interval_s))
+        failures = failures | "CountFailed" >> beam.ParDo(CountDone(run_id, progress_dir, config.progress_interval_s))
+        _ = inputs[SKIPPED] | "CountSkipped" >> beam.ParDo(CountDone(run_id, progress_dir, config.progress_interval_s))
+    _ = embeddings | "WriteEmbeddings" >> WriteEmbeddings(config.output_dir, config.model.dim, metadata)
+    _ = failures | "WriteErrors" >> WriteErrors(config.output_dir)

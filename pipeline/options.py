@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import os
 from typing import Optional, Sequence
 
 from pipeline.models import CUSTOM_MODEL, MODELS, ModelSpec, resolve_model
@@ -32,6 +34,7 @@ class JobConfig:
     skip_existing: Optional[str] = None
     force_full_run: bool = False
     max_error_rate: Optional[float] = None
+    verbose: bool = False
 
 
 def _positive_int(text: str) -> int:
@@ -112,7 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="Where the weights come from: a tfhub.dev / Kaggle URL, a gs:// path or a local SavedModel "
         "directory (default: the registry's). A handle is code: use trusted sources only.",
     )
-    model.add_argument("--image_size", type=_positive_int, help="Input side for resizable or custom models.")
+    resizable = ", ".join(m.name for m in MODELS.values() if m.resizable) or "none"
+    model.add_argument("--image_size", type=_positive_int,
+                       help="Side of the square the images are resized to. Default: the registry's for the model "
+                       f"({', '.join(f'{m.name} {m.input_size}' for m in MODELS.values())}). Only resizable models "
+                       f"({resizable}) and custom ones accept another size.")
     model.add_argument("--embedding_dim", type=_positive_int, help="Output dim of a custom model.")
     prep = parser.add_argument_group("preprocessing")
     prep.add_argument(
@@ -148,7 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
                       "or forbidden objects are reported at once. An input still failing is reported, and the "
                       "next run tries it again. Default: %(default)s.")
     io.add_argument("--progress_interval", type=float, default=10.0, metavar="SECONDS",
-                    help="Print a progress line per worker process this often (0: never). Default: %(default)s.")
+                    help="On a terminal a progress bar (done / total, images/s, time left) is redrawn in place; in "
+                    "logs, and on remote workers, a progress line is printed this often (0: no progress at all). "
+                    "Default: %(default)s.")
+    io.add_argument("--verbose", action="store_true",
+                    help="Show every TensorFlow and Beam log message (default: only warnings that matter to the run).")
     perf = parser.add_argument_group("inference")
     perf.add_argument("--batch_size", type=_positive_int, default=EmbedConfig.batch_size,
                       help="Images per model call. Default: %(default)s.")
@@ -156,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Threads per DoFn that decode ahead while the model computes. Default: %(default)s "
                       "(raise it on GPU workers, where decoding sets the pace).")
     perf.add_argument("--tf_intra_op_threads", type=_non_negative_int, default=0,
-                      help="TensorFlow intra-op threads per worker process (0: TensorFlow's default, all cores).")
+                      help="TensorFlow intra-op threads per worker process. Default 0 = auto: the cores divided by "
+                      "the DirectRunner worker processes (measured fastest), otherwise TensorFlow's default.")
     perf.add_argument("--tf_inter_op_threads", type=_non_negative_int, default=0,
                       help="TensorFlow inter-op threads per worker process (0: TensorFlow's default).")
     perf.add_argument("--bfloat16", action="store_true",
@@ -167,10 +179,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _beam_parser():
+    """A parser that knows every Beam pipeline option, built the way Beam's own PipelineOptions parses them."""
+    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    for cls in {str(cls): cls for cls in PipelineOptions.__subclasses__()}.values():
+        cls._add_argparse_args(parser)  # what Beam itself does in PipelineOptions.get_all_options
+    return parser
+
+
+def refuse_unknown_args(parser: argparse.ArgumentParser, beam_args: Sequence[str]) -> None:
+    """Beam only logs and drops flags it cannot parse; a typo here must stop the run (exit 2) instead."""
+    beam_parser = _beam_parser()
+    _, unknown = beam_parser.parse_known_args(list(beam_args))
+    if not unknown:
+        return
+    flag = unknown[0].split("=", 1)[0]
+    known = [option for p in (parser, beam_parser) for action in p._actions for option in action.option_strings]
+    close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else "; see --help for this project's options."
+    what = f"unrecognized option {flag}" if flag.startswith("-") else f"unexpected argument {flag!r}"
+    parser.error(f"{what}: neither this project nor Beam knows it{hint}")
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[JobConfig, list[str]]:
     """Returns the job's config and the remaining (Beam) arguments; bad options exit with a message."""
     parser = build_parser()
     args, beam_args = parser.parse_known_args(argv)
+    refuse_unknown_args(parser, beam_args)
     try:
         spec = resolve_model(args.model, args.model_handle, args.image_size, args.embedding_dim)
     except ValueError as exc:
@@ -203,5 +240,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[JobConfig, list[st
         skip_existing=args.skip_existing.rstrip("/") if args.skip_existing else None,
         force_full_run=args.force_full_run,
         max_error_rate=args.max_error_rate,
+        verbose=args.verbose,
     )
     return config, beam_args

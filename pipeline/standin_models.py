@@ -10,6 +10,8 @@ training-mode pass with batch-norm momentum 0 over real photos sets the batch-no
 that different images give clearly different vectors.
 
     python -m pipeline.standin_models --model mobilenet_v2_130_224 --output DIR [--calibration_glob 'samples/*']
+
+prints the `--model_handle` to pass: a folder inside DIR (DIR is a cache that holds several).
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ import glob
 import json
 import os
 import shutil
+import sys
 import tempfile
 from typing import Sequence
 
 import numpy as np
 
 from pipeline.models import MODELS, ModelSpec, is_remote_hub_handle
+from transforms.embed import import_tensorflow
 
 STANDIN_MARKER = "standin.json"
 STANDIN_WARNING = "random-weight stand-in model: embeddings are NOT meaningful"
@@ -51,8 +55,8 @@ def build_standin(spec: ModelSpec, export_dir: str, calibration_images: Sequence
         raise ValueError(f"Model {spec.name} has no stand-in architecture.")
     if len(calibration_images) < 2:
         raise ValueError("Calibrating a stand-in needs at least two images.")
+    tf = import_tensorflow()
     import keras
-    import tensorflow as tf
 
     keras.utils.set_random_seed(seed)
     side = spec.input_size if not spec.resizable else None
@@ -127,7 +131,7 @@ def _hub_style_module(network):
 
 def cached_standin(spec: ModelSpec, cache_dir: str, calibration_images: Sequence[np.ndarray]) -> str:
     """The stand-in's directory in `cache_dir`, built on first use and reused after."""
-    import tensorflow as tf
+    tf = import_tensorflow()
 
     export_dir = os.path.join(
         cache_dir, f"{spec.name}-{spec.input_size}-v{STANDIN_FORMAT_VERSION}-tf{tf.__version__}"
@@ -160,7 +164,11 @@ def main(argv=None) -> None:
     )
     args = parser.parse_args(argv)
     spec = MODELS[args.model]
-    print(cached_standin(spec, args.output, load_calibration_images(args.calibration_glob, spec)))
+    handle = cached_standin(spec, args.output, load_calibration_images(args.calibration_glob, spec))
+    print(f"Stand-in for {spec.name} ready ({STANDIN_WARNING}). Use it with:\n"
+          f"  python -m pipeline.run --model {spec.name} --model_handle {handle} --input ... --output ...",
+          file=sys.stderr)
+    print(handle)  # alone on stdout, for scripts
 
 
 if __name__ == "__main__":

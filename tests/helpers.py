@@ -32,10 +32,16 @@ def encode(pixels_or_image, fmt: str, **save_args) -> bytes:
 
 
 def run_pipeline(*args: str) -> int:
-    """Runs `python -m pipeline.run ARGS` in this process (model checks stay cached between tests)."""
+    """Runs `python -m pipeline.run ARGS` in this process (model checks stay cached between tests).
+
+    On the in-memory DirectRunner unless the arguments choose a runner or mode: the workers then run in
+    this process, so mocks apply and no worker process pays TensorFlow's start-up. The command's own
+    default (a worker process per core) is tested through the command line.
+    """
     from pipeline.run import main
 
-    return main(list(args))
+    chosen = any(a.startswith(("--runner", "--direct_running_mode", "--direct_num_workers")) for a in args)
+    return main([*args] if chosen else [*args, "--direct_running_mode=in_memory"])
 
 
 def read_embeddings(out_dir: str) -> pa.Table:

@@ -115,12 +115,10 @@ def test_http_downloads_overlap_even_with_one_decode_thread(web):
     fn = DecodeImagesFn(PreprocessConfig(image_size=32), FAST, threads=1)
     fn.setup()
     fn.start_bundle()
-    started = time.monotonic()
     outputs = [out for ref in refs for out in fn.process(ref, window.GlobalWindow(), 0)] + list(fn.finish_bundle())
-    elapsed = time.monotonic() - started
     fn.teardown()
     assert len(outputs) == 12 and [o.value.id for o in outputs] == [r.id for r in refs]
-    assert web.max_in_flight >= 4 and elapsed < 12 * 0.3 / 3
+    assert web.max_in_flight >= 4  # downloads waited on the server together, not one after another
 
 
 # --- threads, windows ------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def test_a_handle_that_does_not_exist_is_a_clear_error(tmp_path, capsys):
     code = run_pipeline("--input", f"{SAMPLES}/*", "--output", str(tmp_path / "o"),
                         "--model_handle", str(tmp_path / "no-such-model"))
     assert code == 2
-    assert f"Model handle {tmp_path / 'no-such-model'} is not a usable feature-vector model" in capsys.readouterr().err
+    assert f"Model handle {tmp_path / 'no-such-model'} does not exist (no such folder)." in capsys.readouterr().err
 
 
 def test_an_unreachable_hub_is_a_clear_error_and_never_a_fallback(tmp_path, capsys, monkeypatch):

@@ -11,6 +11,7 @@ import dataclasses
 import gc
 import logging
 import os
+import sys
 from typing import Iterable, NamedTuple, Optional, Sequence, Union
 
 import apache_beam as beam
@@ -18,6 +19,34 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
 from transforms.records import FAILED, DecodedImage, Failure, Stage, describe_exception
+
+
+# Set (by `--verbose`) to keep TensorFlow's start-up messages; inherited by local worker processes.
+VERBOSE_ENV = "BEAM_EMBEDDINGS_VERBOSE"
+
+
+def import_tensorflow():
+    """TensorFlow, imported without its start-up chatter unless VERBOSE_ENV is set.
+
+    On CPU machines TensorFlow prints CUDA probing errors and oneDNN notices straight to file
+    descriptor 2 before any log level applies; they say nothing about the run. Import errors still
+    raise with their message.
+    """
+    if "tensorflow" in sys.modules or os.environ.get(VERBOSE_ENV):
+        import tensorflow as tf
+
+        return tf
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow as tf
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+    return tf
 
 
 class Embedding(NamedTuple):
@@ -68,8 +97,7 @@ class HubEmbedder:
     """
 
     def __init__(self, config: EmbedConfig):
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        import tensorflow as tf
+        tf = import_tensorflow()
         import tensorflow_hub as hub
 
         _configure_threads(tf, config.intra_op_threads, config.inter_op_threads)
@@ -85,6 +113,16 @@ class HubEmbedder:
 
         self._embed = embed
         self._environment_errors = tuple(getattr(tf.errors, name) for name in _ENVIRONMENT_ERRORS)
+
+    def accepted_input_sizes(self) -> set:
+        """(height, width) pairs the model's traced call signatures accept; None means any. Empty: unknown."""
+        sizes = set()
+        for function in getattr(getattr(self._module, "__call__", None), "concrete_functions", ()):
+            args, _ = function.structured_input_signature
+            shape = getattr(args[0], "shape", None) if args else None
+            if shape is not None and shape.rank == 4:
+                sizes.add((shape[1], shape[2]))
+        return sizes
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         try:

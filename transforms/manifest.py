@@ -143,52 +143,50 @@ def _bad(order: tuple, where: str, problem: str, text: str = "") -> ManifestRow:
     return ManifestRow(order, where, f"<{where}>", text[:500], f"Manifest {where} {problem}")
 
 
-def parse_line(offset_and_line: tuple, path: str, columns: Sequence[str]) -> Iterator[ManifestRow]:
-    """One physical manifest line -> at most one ManifestRow (a failure row when the line is unusable)."""
+def parse_line(offset_and_line: tuple, path: str, columns: Sequence[str]) -> list:
+    """One physical manifest line -> [ManifestRow] ([] for blank, comment and header lines)."""
+    row = _parse_line(offset_and_line, path, columns)
+    return [row] if row else []
+
+
+def _parse_line(offset_and_line: tuple, path: str, columns: Sequence[str]) -> Optional[ManifestRow]:
     offset, raw = offset_and_line
     order, where = (path, offset), f"row at byte {offset}"
     fmt = manifest_format(path)
     if raw is None:
-        yield _bad(order, where, f"is longer than {MAX_LINE_BYTES} bytes.")
-        return
+        return _bad(order, where, f"is longer than {MAX_LINE_BYTES} bytes.")
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        yield _bad(order, where, f"is not UTF-8 (byte {raw[exc.start]:#04x} at position {exc.start}); "
-                                 f"save the manifest as UTF-8.", raw.decode("utf-8", "replace").rstrip("\r\n"))
-        return
+        return _bad(order, where, f"is not UTF-8 (byte {raw[exc.start]:#04x} at position {exc.start}); "
+                                  f"save the manifest as UTF-8.", raw.decode("utf-8", "replace").rstrip("\r\n"))
     if offset == 0:
         line = line.lstrip(_BOM)
     line = line.rstrip("\r\n")
     if not line.strip() or (fmt == "txt" and line.strip().startswith("#")):
-        return
+        return None
     if fmt in ("csv", "tsv") and offset == 0:
-        return  # the header
+        return None  # the header
     if fmt == "txt":
-        yield _row(order, where, line)
-    elif fmt == "jsonl":
+        return _row(order, where, line)
+    if fmt == "jsonl":
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            yield _bad(order, where, f"is not valid JSON ({exc.msg}).", line)
-            return
+            return _bad(order, where, f"is not valid JSON ({exc.msg}).", line)
         if not isinstance(record, dict):
-            yield _bad(order, where, "is not a JSON object.", line)
-            return
-        yield _row(order, where, record.get("uri"), record.get("id"))
-    else:
-        try:
-            values = _split(line, fmt)
-        except csv.Error as exc:
-            yield _bad(order, where, f"is not valid CSV ({exc}); quote a field with \" and double the quotes "
-                                     f"inside it.", line)
-            return
-        if len(values) != len(columns):
-            yield _bad(order, where, f"has {len(values)} fields, the header has {len(columns)} "
-                                     f"({', '.join(columns)}).", line)
-            return
-        record = dict(zip(columns, values))
-        yield _row(order, where, record.get("uri"), record.get("id"))
+            return _bad(order, where, "is not a JSON object.", line)
+        return _row(order, where, record.get("uri"), record.get("id"))
+    try:
+        values = _split(line, fmt)
+    except csv.Error as exc:
+        return _bad(order, where, f"is not valid CSV ({exc}); quote a field with \" and double the quotes "
+                                  f"inside it.", line)
+    if len(values) != len(columns):
+        return _bad(order, where, f"has {len(values)} fields, the header has {len(columns)} ({', '.join(columns)}).",
+                    line)
+    record = dict(zip(columns, values))
+    return _row(order, where, record.get("uri"), record.get("id"))
 
 
 class _ManifestLines(filebasedsource.FileBasedSource):

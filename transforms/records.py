@@ -51,3 +51,8 @@ def describe_exception(exc: BaseException) -> str:
     """One readable line for an exception: its type and message, without a traceback."""
     message = " ".join(str(exc).split()) or "no details"
     return f"{type(exc).__name__}: {message}"
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 image', '2 images'."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"

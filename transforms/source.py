@@ -33,11 +33,12 @@ from transforms.manifest import (
     count_manifest_rows,
     read_header,
 )
-from transforms.records import FAILED, Failure, ImageRef, Stage
+from transforms.records import FAILED, Failure, ImageRef, Stage, plural
 
 GLOB_CHARACTERS = "*?["
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 SKIPPED_COUNTER = "skipped_existing"
+SKIPPED = "skipped"  # tag of the ids skipped because an earlier run embedded them
 
 
 def _is_directory(path: str) -> bool:
@@ -53,8 +54,8 @@ def input_kind(path: str) -> str:
         return "manifest"
     if ".tfrecord" in lower:
         return "tfrecord"
-    if _has_glob(path):
-        return "glob"
+    if _has_glob(path) or (has_image_extension(path) and FileSystems.exists(path)):
+        return "glob"  # a single image file is a glob that matches itself
     raise ManifestError(
         f"--input {path} is not a folder, a glob, TFRecord files or a manifest ({', '.join(MANIFEST_EXTENSIONS)})."
         + ("" if FileSystems.exists(path) else " It does not exist.")
@@ -94,13 +95,13 @@ class InputPlan:
 
     def describe(self, path: str) -> str:
         text = {
-            "manifest": f"Reading --input {path} as a manifest: {self.inputs} rows.",
-            "glob": f"Reading --input {path} as a glob: {self.inputs} files matched.",
-            "directory": f"Reading --input {path} as a folder: {self.inputs} image files under it",
-            "tfrecord": f"Reading --input {path} as TFRecord files of tf.train.Example: {self.inputs} files.",
+            "manifest": f"Reading --input {path} as a manifest: {plural(self.inputs, 'row')}.",
+            "glob": f"Reading --input {path} as a glob: {plural(self.inputs, 'file')} matched.",
+            "directory": f"Reading --input {path} as a folder: {plural(self.inputs, 'image file')} under it",
+            "tfrecord": f"Reading --input {path} as TFRecord files of tf.train.Example: {plural(self.inputs, 'file')}.",
         }[self.kind]
         if self.kind == "directory":
-            text += (f"; {self.left_out} other files left out by extension "
+            text += (f"; {plural(self.left_out, 'other file')} left out by extension "
                      f"(images: {', '.join(IMAGE_EXTENSIONS)})." if self.left_out else ".")
         return text
 
@@ -173,10 +174,7 @@ def _read_tfrecord_file(path: str, features: TFRecordFeatures) -> Iterator[Manif
         schema.feature.add(name=name, type=schema_pb2.BYTES)
     decoder = ExamplesToRecordBatchDecoder(schema.SerializeToString())
     records = _tfrecords(path)
-    while True:
-        chunk = list(itertools.islice(records, _EXAMPLES_PER_DECODE))
-        if not chunk:
-            return
+    while chunk := list(itertools.islice(records, _EXAMPLES_PER_DECODE)):
         yield from _rows_from_records(path, chunk, decoder, features)
 
 
@@ -268,17 +266,17 @@ class _KeepFirstRowPerId(beam.DoFn):
     def process(self, id_and_groups):
         id_, groups = id_and_groups
         rows = sorted(groups["rows"], key=lambda row: row.order)
-        if not rows:
-            return  # an id of the previous output that this run's input does not list
-        if any(True for _ in groups["previous"]):
+        if rows and any(True for _ in groups["previous"]):
             self._skipped.inc(len(rows))
-            return
-        first, *others = rows
-        yield ImageRef(id_, first.uri, first.data)
-        for row in others:
-            self._duplicates.inc()
-            message = f"Duplicate id: the {row.where} repeats the id of the {first.where}, which is the one embedded."
-            yield beam.pvalue.TaggedOutput(FAILED, Failure(id_, row.uri, Stage.MANIFEST, message))
+            for row in rows:
+                yield beam.pvalue.TaggedOutput(SKIPPED, row.id)
+        elif rows:  # an id of the previous output that this run's input does not list has no rows
+            first, *others = rows
+            yield ImageRef(id_, first.uri, first.data)
+            for row in others:
+                self._duplicates.inc()
+                message = f"Duplicate id: the {row.where} repeats the id of the {first.where}, which is the one embedded."
+                yield beam.pvalue.TaggedOutput(FAILED, Failure(id_, row.uri, Stage.MANIFEST, message))
 
 
 def _split_problems(row: ManifestRow):
@@ -289,7 +287,7 @@ def _split_problems(row: ManifestRow):
 
 
 class ReadImageRefs(beam.PTransform):
-    """`--input` -> {main: ImageRef with unique ids, FAILED: Failure}.
+    """`--input` -> {"refs": ImageRef with unique ids, FAILED: Failure, SKIPPED: ids an earlier run embedded}.
 
     Grouping by id both enforces the duplicate rule and redistributes the inputs across workers,
     so no separate Reshuffle is needed. With `previous_embeddings` (a glob of an earlier run's
@@ -328,7 +326,7 @@ class ReadImageRefs(beam.PTransform):
         unique = (
             keyed
             | "GroupById" >> beam.CoGroupByKey()
-            | "KeepFirst" >> beam.ParDo(_KeepFirstRowPerId()).with_outputs(FAILED, main="refs")
+            | "KeepFirst" >> beam.ParDo(_KeepFirstRowPerId()).with_outputs(FAILED, SKIPPED, main="refs")
         )
         failures = (usable[FAILED], unique[FAILED]) | "Failures" >> beam.Flatten()
-        return {"refs": unique.refs, FAILED: failures}
+        return {"refs": unique.refs, FAILED: failures, SKIPPED: unique[SKIPPED]}

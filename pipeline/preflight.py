@@ -1,0 +1,130 @@
+"""Checks made in the launcher before any work: the model handle, and earlier outputs a run builds on.
+
+Each failure says what is wrong and what to do, so a mistake costs seconds, not a job.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import numpy as np
+
+from pipeline.models import handle_available
+from pipeline.options import JobConfig
+from pipeline.outputs import RUN_REPORT, is_finished_run, summarize_outputs
+from pipeline.standin_models import STANDIN_WARNING, standin_info
+from transforms.embed import EmbedConfig, HubEmbedder
+
+# Said wherever a model cannot be had: how to run without a route to the hub.
+OFFLINE_HINT = (
+    "Without a route to the hub, put the model on disk or gs:// once (README: 'Models without a route to the hub') "
+    "and pass that directory as --model_handle; or, to try the pipeline with random weights, build a stand-in: "
+    "python -m pipeline.standin_models --model MODEL --output .cache/standins (it prints the --model_handle to use)."
+)
+
+
+class ModelCheckError(RuntimeError):
+    """The model handle cannot be loaded, does not take the configured input, or its dim differs."""
+
+
+class IncrementalRunError(ValueError):
+    """--skip_existing names an output that cannot be extended by this run."""
+
+
+def _saved_model_inside(handle: str) -> Optional[str]:
+    """A SavedModel one folder down from `handle` (the stand-in builder's and tar files' layout), if any."""
+    if not os.path.isdir(handle) or os.path.isfile(os.path.join(handle, "saved_model.pb")):
+        return None
+    inner = [os.path.join(handle, d) for d in sorted(os.listdir(handle))
+             if os.path.isfile(os.path.join(handle, d, "saved_model.pb"))]
+    return inner[0] if len(inner) == 1 else None
+
+
+@functools.lru_cache(maxsize=4)
+def check_model(config: EmbedConfig, resizable: bool = True) -> None:
+    """Loads the model once in the launcher and embeds one grey image: [1, dim] or a clear error."""
+    handle = config.handle
+    if not handle_available(handle):
+        raise ModelCheckError(
+            f"Cannot reach the host of model handle {handle} (and it is not in TFHUB_CACHE_DIR). {OFFLINE_HINT}"
+        )
+    if "://" not in handle and not os.path.exists(handle):
+        raise ModelCheckError(f"Model handle {handle} does not exist (no such folder). {OFFLINE_HINT}")
+    inner = _saved_model_inside(handle)
+    if inner:
+        raise ModelCheckError(f"{handle} is a folder that holds a SavedModel, not one itself: pass --model_handle {inner}")
+    if os.path.isdir(handle) and not os.path.isfile(os.path.join(handle, "saved_model.pb")):
+        raise ModelCheckError(f"{handle} is a folder without saved_model.pb, so it is not a SavedModel. {OFFLINE_HINT}")
+    try:
+        embedder = HubEmbedder(config)
+    except Exception as exc:
+        raise ModelCheckError(f"Model handle {handle} could not be loaded ({_first_sentence(exc)}). {OFFLINE_HINT}") from None
+    sizes = embedder.accepted_input_sizes()
+    side = config.image_size
+    if sizes and (side, side) not in sizes and (None, None) not in sizes:
+        accepted = " or ".join(f"{h or 'any'}x{w or 'any'}" for h, w in sorted(sizes, key=str))
+        fix = (f"pass --image_size {sorted(sizes, key=str)[0][0]}" if resizable
+               else "pass --model custom with that --image_size and the model's --embedding_dim")
+        raise ModelCheckError(
+            f"The model at {handle} accepts {accepted} images, not {side}x{side}: {fix}, or the handle of a "
+            f"model that takes {side}x{side}."
+        )
+    try:
+        embedder(np.full((1, side, side, 3), 128, np.uint8))
+    except Exception as exc:
+        raise ModelCheckError(f"Model handle {handle} is not a usable feature-vector model: {_first_sentence(exc)}") from None
+
+
+def _first_sentence(exc: BaseException) -> str:
+    """A TensorFlow error in one readable line: its type and the message's first line, without the graph trace."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    first = lines[0] if lines else "no details"
+    return f"{type(exc).__name__}: {first[:300]}"
+
+
+def output_metadata(config: JobConfig) -> dict[str, str]:
+    """The Parquet key/value metadata: what produced these vectors, enough to refuse mixing runs."""
+    standin = standin_info(config.model.handle)
+    return {
+        "model": config.model.name,
+        "handle": config.model.handle,
+        "image_size": str(config.model.input_size),
+        "dim": str(config.model.dim),
+        "preprocessing": config.preprocess.describe(),
+        "precision": config.embed.precision(),
+        "weights": f"STAND-IN: {STANDIN_WARNING}" if standin else "as published at the handle",
+    }
+
+
+# Metadata that must match for vectors of two runs to be comparable.
+COMPARABLE_METADATA = ("model", "handle", "image_size", "dim", "preprocessing", "precision", "weights")
+
+
+def check_previous_output(config: JobConfig, metadata: dict[str, str]) -> None:
+    """Refuses to skip ids embedded by a run whose model or preprocessing differs from this one's."""
+    if not config.skip_existing or config.force_full_run:
+        return
+    if config.skip_existing == config.output_dir:
+        raise IncrementalRunError(
+            f"--skip_existing and --output are the same folder ({config.output_dir}); write each run to a new --output."
+        )
+    previous = summarize_outputs(config.skip_existing)
+    if not previous.embedding_files:
+        raise IncrementalRunError(f"--skip_existing {config.skip_existing} holds no embeddings-*.parquet files.")
+    if not is_finished_run(config.skip_existing):
+        raise IncrementalRunError(
+            f"--skip_existing {config.skip_existing} is not a finished run (no {RUN_REPORT}): its files may be "
+            f"partial. Rerun it, or pass --force_full_run to embed everything."
+        )
+    differences = [
+        f"{key}: {previous.metadata.get(key)!r} then, {metadata[key]!r} now"
+        for key in COMPARABLE_METADATA
+        if previous.metadata.get(key) != metadata[key]
+    ]
+    if differences:
+        raise IncrementalRunError(
+            f"--skip_existing {config.skip_existing} was made with another model or preprocessing "
+            f"({'; '.join(differences)}); its vectors are not comparable. Pass --force_full_run to embed everything."
+        )

@@ -1,0 +1,120 @@
+"""The launcher's progress display: done / total, images/s and time left, summed over the local worker processes.
+
+A bar redrawn in place on a terminal (rich), a plain line every `--progress_interval` seconds in logs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from typing import Optional
+
+_REFRESH_S = 0.5
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds + 0.5)
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def progress_line(done: int, total: int, rate: Optional[float]) -> str:
+    share = f" ({100 * done / total:.0f}%)" if total else ""
+    text = f"progress: {done} / {total} inputs done{share}"
+    if not done:
+        return text + "; starting (workers load the model)"
+    if rate:
+        text += f", {rate:.1f} images/s"
+        if total > done:
+            text += f", about {_duration((total - done) / rate)} left"
+    return text
+
+
+class ProgressDisplay:
+    """Shows the progress of one run while it executes; `directory` is where CountDone writes its counts."""
+
+    def __init__(self, total: int, interval_s: float, stream=None):
+        self.total = total
+        self.directory = tempfile.mkdtemp(prefix="embeddings-progress-")
+        self._interval_s = interval_s
+        self._stream = stream or sys.stderr
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="progress", daemon=True)
+        self._first_seen: Optional[tuple] = None
+        self._final_rate: Optional[float] = None
+
+    def done(self) -> int:
+        total = 0
+        for name in os.listdir(self.directory):
+            if name.endswith(".tmp"):
+                continue
+            try:
+                with open(os.path.join(self.directory, name)) as f:
+                    total += int(f.read() or 0)
+            except (OSError, ValueError):  # replaced while read: the next look sees it
+                pass
+        return total
+
+    def _rate(self, done: int, now: float) -> Optional[float]:
+        if self.total and done >= self.total and self._final_rate is not None:
+            return self._final_rate  # finished: the sinks still write, the rate stays what it was
+        if done and self._first_seen is None:
+            self._first_seen = (now, done)
+        if not self._first_seen or now - self._first_seen[0] < 1.0:
+            return None
+        first_time, first_done = self._first_seen
+        self._final_rate = (done - first_done) / (now - first_time) or None
+        return self._final_rate
+
+    def __enter__(self) -> "ProgressDisplay":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+    def _loop(self) -> None:
+        if self._stream.isatty():
+            self._bar()
+        else:
+            self._lines()
+
+    def _lines(self) -> None:
+        last_line = time.monotonic()
+        while True:
+            stopping = self._stop.wait(min(self._interval_s, _REFRESH_S))
+            now = time.monotonic()
+            done = self.done()
+            rate = self._rate(done, now)
+            if stopping or now - last_line >= self._interval_s:
+                last_line = now
+                print(progress_line(done, self.total, rate), file=self._stream, flush=True)
+            if stopping:
+                return
+
+    def _bar(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        columns = (TextColumn("embedding"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=Console(file=self._stream), transient=False) as bar:
+            task = bar.add_task("embedding", total=self.total or None, rate="")
+            while True:
+                stopping = self._stop.wait(_REFRESH_S)
+                done = self.done()
+                rate = self._rate(done, time.monotonic())
+                bar.update(task, completed=done, rate=f"{rate:.1f} images/s" if rate else "")
+                if stopping:
+                    return
