@@ -24,9 +24,9 @@ def build_pipeline(
     Finished inputs are counted for progress (unless --progress_interval 0): into `progress_dir` when
     the launcher can read the workers' files, as log lines on the workers otherwise.
     """
-    previous = None
-    if config.skip_existing and not config.force_full_run:
-        previous = output_files_pattern(config.skip_existing, EMBEDDINGS_PREFIX)
+    previous = []
+    if not config.force_full_run:
+        previous = [output_files_pattern(folder, EMBEDDINGS_PREFIX) for folder in config.skip_existing]
     inputs = p | "ReadInputs" >> ReadImageRefs(config.input, previous, config.tfrecord_features)
     decoded = inputs["refs"] | "Decode" >> DecodeImages(config.preprocess, config.read, config.decode_threads)
     embedded = decoded.decoded | "Embed" >> EmbedImages(config.embed)

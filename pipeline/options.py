@@ -31,13 +31,13 @@ class JobConfig:
     tfrecord_features: TFRecordFeatures = TFRecordFeatures()
     decode_threads: int = 1
     progress_interval_s: float = 10.0
-    skip_existing: Optional[str] = None
+    skip_existing: tuple = ()  # earlier run folders whose ids are not embedded again
     force_full_run: bool = False
     max_error_rate: Optional[float] = None
     verbose: bool = False
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
@@ -65,11 +65,16 @@ def _fraction(text: str) -> float:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(
+    prog: str = "python -m pipeline.run",
+    description: str = "Embed images with a TF Hub feature-vector model on Apache Beam; write Parquet.",
+    single_run: bool = True,
+) -> argparse.ArgumentParser:
+    """The options of one embedding run; `single_run=False` leaves out where its output goes (the index decides)."""
     models = ", ".join(f"{m.name} ({m.input_size}x{m.input_size}, {m.dim}-dim)" for m in MODELS.values())
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.run",
-        description="Embed images with a TF Hub feature-vector model on Apache Beam; write Parquet.",
+        prog=prog,
+        description=description,
         epilog="Every other flag is a Beam pipeline option and is passed through "
         "(--runner, --direct_num_workers, --temp_location, --project, ...).",
         allow_abbrev=False,  # never swallow a Beam flag by prefix
@@ -78,28 +83,33 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument(
         "--input",
         required=True,
-        help="A manifest (.txt: one URI a line; .csv/.tsv/.jsonl/.parquet with a 'uri' and optional 'id' column), "
-        "a glob of image files ('/data/**/*.jpg', 'gs://bucket/imgs/*.jpg'), or TFRecord files of tf.train.Example "
+        help="A folder (every image file under it, at any depth), a glob of image files ('/data/**/*.jpg': "
+        "**/ matches zero or more folders; 'gs://bucket/imgs/*.jpg'), a manifest (.txt: one URI a line; "
+        ".csv/.tsv/.jsonl/.parquet with a 'uri' and optional 'id' column), or TFRecord files of tf.train.Example "
         "(any name containing '.tfrecord', e.g. 'gs://b/train.tfrecord-*'). Without an id the id is the URI.",
     )
     io.add_argument("--tfrecord_image_feature", default=TFRecordFeatures.image,
                     help="TFRecord input: the feature holding the encoded image. Default: %(default)s.")
     io.add_argument("--tfrecord_id_feature", default=TFRecordFeatures.id,
                     help="TFRecord input: the feature holding the id. Default: %(default)s.")
-    io.add_argument("--output", required=True, help="Output directory (local, gs://, s3://).")
-    io.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="Replace the outputs of an earlier run in --output (default: refuse to mix runs).",
-    )
-    io.add_argument(
-        "--skip_existing",
-        metavar="PREVIOUS_OUTPUT",
-        help="Output directory of an earlier run: ids it already embedded are skipped (incremental indexing). "
-        "Refused when that run used another model or preprocessing, unless --force_full_run.",
-    )
-    io.add_argument("--force_full_run", action="store_true",
-                    help="With --skip_existing: embed everything even when the earlier run's model differs.")
+    if single_run:
+        io.add_argument("--output", required=True, help="Output directory (local, gs://, s3://).")
+        io.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="Replace the outputs of an earlier run in --output (default: refuse to mix runs).",
+        )
+        io.add_argument(
+            "--skip_existing",
+            metavar="PREVIOUS_OUTPUT",
+            action="append",
+            default=[],
+            help="An earlier run's output folder, or a glob of them ('out/night-*'); repeat for several. Ids they "
+            "embedded are skipped. Each must be a finished run with the same model (by content) and preprocessing, "
+            "unless --force_full_run. For an index kept up to date night after night, use python -m pipeline.index.",
+        )
+        io.add_argument("--force_full_run", action="store_true",
+                        help="With --skip_existing: embed everything even when the earlier run's model differs.")
     io.add_argument("--max_error_rate", type=_fraction, metavar="FRACTION",
                     help="Exit with code 3 when more than this share of the inputs failed (outputs are still "
                     "written). Default: never.")
@@ -116,11 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
         "directory (default: the registry's). A handle is code: use trusted sources only.",
     )
     resizable = ", ".join(m.name for m in MODELS.values() if m.resizable) or "none"
-    model.add_argument("--image_size", type=_positive_int,
+    model.add_argument("--image_size", type=positive_int,
                        help="Side of the square the images are resized to. Default: the registry's for the model "
                        f"({', '.join(f'{m.name} {m.input_size}' for m in MODELS.values())}). Only resizable models "
                        f"({resizable}) and custom ones accept another size.")
-    model.add_argument("--embedding_dim", type=_positive_int, help="Output dim of a custom model.")
+    model.add_argument("--embedding_dim", type=positive_int, help="Output dim of a custom model.")
     prep = parser.add_argument_group("preprocessing")
     prep.add_argument(
         "--resize_mode",
@@ -130,13 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prep.add_argument(
         "--max_image_pixels",
-        type=_positive_int,
+        type=positive_int,
         default=PreprocessConfig.max_pixels,
         help="Reject images whose header declares more pixels (decompression bombs). Default: %(default)s.",
     )
     prep.add_argument(
         "--max_image_bytes",
-        type=_positive_int,
+        type=positive_int,
         default=ReadConfig.max_bytes,
         help="Reject files larger than this. Default: %(default)s.",
     )
@@ -161,9 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--verbose", action="store_true",
                     help="Show every TensorFlow and Beam log message (default: only warnings that matter to the run).")
     perf = parser.add_argument_group("inference")
-    perf.add_argument("--batch_size", type=_positive_int, default=EmbedConfig.batch_size,
+    perf.add_argument("--batch_size", type=positive_int, default=EmbedConfig.batch_size,
                       help="Images per model call. Default: %(default)s.")
-    perf.add_argument("--decode_threads", type=_positive_int, default=1,
+    perf.add_argument("--decode_threads", type=positive_int, default=1,
                       help="Threads per DoFn that decode ahead while the model computes. Default: %(default)s "
                       "(raise it on GPU workers, where decoding sets the pace).")
     perf.add_argument("--tf_intra_op_threads", type=_non_negative_int, default=0,
@@ -208,13 +218,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[JobConfig, list[st
     parser = build_parser()
     args, beam_args = parser.parse_known_args(argv)
     refuse_unknown_args(parser, beam_args)
+    return config_from_args(parser, args), beam_args
+
+
+def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> JobConfig:
+    """The validated JobConfig of parsed options (an index's runs get their output folder later)."""
     try:
         spec = resolve_model(args.model, args.model_handle, args.image_size, args.embedding_dim)
     except ValueError as exc:
         parser.error(str(exc))
-    config = JobConfig(
+    return JobConfig(
         input=args.input,
-        output_dir=args.output.rstrip("/") or "/",
+        output_dir=(getattr(args, "output", None) or "").rstrip("/") or "/",
         model=spec,
         preprocess=PreprocessConfig(
             image_size=spec.input_size,
@@ -233,13 +248,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[JobConfig, list[st
             large_model=args.large_model,
             bfloat16=args.bfloat16,
         ),
-        overwrite=args.overwrite,
+        overwrite=getattr(args, "overwrite", False),
         tfrecord_features=TFRecordFeatures(image=args.tfrecord_image_feature, id=args.tfrecord_id_feature),
         decode_threads=args.decode_threads,
         progress_interval_s=args.progress_interval,
-        skip_existing=args.skip_existing.rstrip("/") if args.skip_existing else None,
-        force_full_run=args.force_full_run,
+        skip_existing=tuple(getattr(args, "skip_existing", ())),
+        force_full_run=getattr(args, "force_full_run", False),
         max_error_rate=args.max_error_rate,
         verbose=args.verbose,
     )
-    return config, beam_args

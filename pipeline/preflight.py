@@ -11,6 +11,9 @@ from typing import Optional
 
 import numpy as np
 
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline.fingerprint import model_fingerprint
 from pipeline.models import handle_available
 from pipeline.options import JobConfig
 from pipeline.outputs import RUN_REPORT, is_finished_run, summarize_outputs
@@ -85,11 +88,15 @@ def _first_sentence(exc: BaseException) -> str:
 
 
 def output_metadata(config: JobConfig) -> dict[str, str]:
-    """The Parquet key/value metadata: what produced these vectors, enough to refuse mixing runs."""
+    """The Parquet key/value metadata: what produced these vectors, enough to refuse mixing runs.
+
+    Call after check_model: the fingerprint reads the model's files.
+    """
     standin = standin_info(config.model.handle)
     return {
         "model": config.model.name,
         "handle": config.model.handle,
+        "fingerprint": model_fingerprint(config.model.handle),
         "image_size": str(config.model.input_size),
         "dim": str(config.model.dim),
         "preprocessing": config.preprocess.describe(),
@@ -98,33 +105,54 @@ def output_metadata(config: JobConfig) -> dict[str, str]:
     }
 
 
-# Metadata that must match for vectors of two runs to be comparable.
-COMPARABLE_METADATA = ("model", "handle", "image_size", "dim", "preprocessing", "precision", "weights")
+# Metadata that must match for vectors of two runs to be comparable. The model is compared by content (its
+# fingerprint), not by where it was loaded from; outputs written before fingerprints existed compare handles.
+COMPARABLE_METADATA = ("model", "fingerprint", "image_size", "dim", "preprocessing", "precision", "weights")
 
 
-def check_previous_output(config: JobConfig, metadata: dict[str, str]) -> None:
-    """Refuses to skip ids embedded by a run whose model or preprocessing differs from this one's."""
-    if not config.skip_existing or config.force_full_run:
+def metadata_differences(then: dict[str, str], now: dict[str, str]) -> list[str]:
+    """'field: then, now' for every comparable field that differs; empty when the vectors are comparable."""
+    keys = COMPARABLE_METADATA if "fingerprint" in then else [k if k != "fingerprint" else "handle"
+                                                              for k in COMPARABLE_METADATA]
+    return [f"{key}: {then.get(key)!r} then, {now.get(key)!r} now" for key in keys if then.get(key) != now.get(key)]
+
+
+def expand_previous_outputs(values) -> list[str]:
+    """Each --skip_existing value is a run folder or a glob of run folders; a glob that finds none is an error."""
+    folders = []
+    for value in values:
+        if any(ch in value for ch in "*?["):
+            reports = FileSystems.match([FileSystems.join(value, RUN_REPORT)])[0].metadata_list
+            found = sorted(m.path[: -len(RUN_REPORT) - 1] for m in reports)
+            if not found:
+                raise IncrementalRunError(f"--skip_existing {value} matches no finished run (no {RUN_REPORT} below it).")
+            folders += found
+        else:
+            folders.append(value.rstrip("/"))
+    return list(dict.fromkeys(folders))
+
+
+def check_previous_outputs(config: JobConfig, metadata: dict[str, str]) -> None:
+    """Refuses to skip ids embedded by a run that is unfinished or used another model or preprocessing."""
+    if config.force_full_run:
         return
-    if config.skip_existing == config.output_dir:
-        raise IncrementalRunError(
-            f"--skip_existing and --output are the same folder ({config.output_dir}); write each run to a new --output."
-        )
-    previous = summarize_outputs(config.skip_existing)
-    if not previous.embedding_files:
-        raise IncrementalRunError(f"--skip_existing {config.skip_existing} holds no embeddings-*.parquet files.")
-    if not is_finished_run(config.skip_existing):
-        raise IncrementalRunError(
-            f"--skip_existing {config.skip_existing} is not a finished run (no {RUN_REPORT}): its files may be "
-            f"partial. Rerun it, or pass --force_full_run to embed everything."
-        )
-    differences = [
-        f"{key}: {previous.metadata.get(key)!r} then, {metadata[key]!r} now"
-        for key in COMPARABLE_METADATA
-        if previous.metadata.get(key) != metadata[key]
-    ]
-    if differences:
-        raise IncrementalRunError(
-            f"--skip_existing {config.skip_existing} was made with another model or preprocessing "
-            f"({'; '.join(differences)}); its vectors are not comparable. Pass --force_full_run to embed everything."
-        )
+    for folder in config.skip_existing:
+        if folder == config.output_dir:
+            raise IncrementalRunError(
+                f"--skip_existing and --output are the same folder ({folder}); write each run to a new --output."
+            )
+        previous = summarize_outputs(folder)
+        if not previous.embedding_files:
+            raise IncrementalRunError(f"--skip_existing {folder} holds no embeddings-*.parquet files.")
+        if not is_finished_run(folder):
+            raise IncrementalRunError(
+                f"--skip_existing {folder} is not a finished run (no {RUN_REPORT}): its files may be "
+                f"partial. Rerun it, or pass --force_full_run to embed everything."
+            )
+        differences = metadata_differences(previous.metadata, metadata)
+        if differences:
+            raise IncrementalRunError(
+                f"--skip_existing {folder} was made with another model or preprocessing "
+                f"({'; '.join(differences)}); its vectors are not comparable. Pass --force_full_run to embed "
+                f"everything."
+            )

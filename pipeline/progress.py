@@ -91,14 +91,14 @@ class ProgressDisplay:
             self._lines()
 
     def _lines(self) -> None:
-        last_line = time.monotonic()
+        last_line, printed = time.monotonic(), False
         while True:
             stopping = self._stop.wait(min(self._interval_s, _REFRESH_S))
             now = time.monotonic()
             done = self.done()
             rate = self._rate(done, now)
-            if stopping or now - last_line >= self._interval_s:
-                last_line = now
+            if (stopping and printed) or now - last_line >= self._interval_s:  # a run shorter than one interval
+                last_line, printed = now, True                                    # needs no progress line
                 print(progress_line(done, self.total, rate), file=self._stream, flush=True)
             if stopping:
                 return

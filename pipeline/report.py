@@ -60,7 +60,7 @@ def print_summary(report: dict) -> None:
           f"{output}/embeddings-*.parquet in {report['seconds']} s ({report['images_per_second']} images/s; "
           f"{report['execution']}).")
     if counts["skipped_existing"]:
-        print(f"Skipped {plural(counts['skipped_existing'], 'input')} already embedded in {report['skip_existing']}.")
+        print(f"Skipped {plural(counts['skipped_existing'], 'input')} already embedded in {', '.join(report['skip_existing'])}.")
     if counts["errors"]:
         stages = ", ".join(f"{stage} {count}" for stage, count in sorted(counts["errors_by_stage"].items()))
         verb = "was" if counts["errors"] == 1 else "were"

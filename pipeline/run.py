@@ -7,6 +7,7 @@ model handle); only then is the output folder created or an earlier run's files 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import sys
@@ -21,7 +22,14 @@ from pipeline.embed_pipeline import build_pipeline
 from pipeline.models import MODELS
 from pipeline.options import JobConfig, parse_args
 from pipeline.outputs import RUN_REPORT, OutputDirError, earlier_results, prepare_output_dir, summarize_outputs
-from pipeline.preflight import IncrementalRunError, ModelCheckError, check_model, check_previous_output, output_metadata
+from pipeline.preflight import (
+    IncrementalRunError,
+    ModelCheckError,
+    check_model,
+    check_previous_outputs,
+    expand_previous_outputs,
+    output_metadata,
+)
 from pipeline.progress import ProgressDisplay
 from pipeline.report import beam_metrics, error_rate_exceeded, print_summary, software_versions
 from pipeline.runtime import (
@@ -38,20 +46,25 @@ from transforms.source import SKIPPED_COUNTER, ManifestError, plan_input
 PREFLIGHT_ERRORS = (ManifestError, OutputDirError, ModelCheckError, IncrementalRunError)
 
 
-def run(config: JobConfig, beam_args: Sequence[str]) -> dict:
-    """Checks, runs and reports one job; raises on anything that makes the run unusable."""
+def run(config: JobConfig, beam_args: Sequence[str], announce: bool = True) -> dict:
+    """Checks, runs and reports one job; raises on anything that makes the run unusable.
+
+    `announce` prints what --input holds before the work starts (an index's runs say it their own way).
+    """
     args = with_direct_defaults(beam_args)
     options = PipelineOptions(args)
     config = with_thread_defaults(config, options)
     execution = describe_execution(config, options, auto=len(args) > len(beam_args))
     plan = plan_input(config.input)
-    metadata = output_metadata(config)
-    check_previous_output(config, metadata)
+    config = dataclasses.replace(config, skip_existing=tuple(expand_previous_outputs(config.skip_existing)))
     replaced = earlier_results(config.output_dir, config.overwrite)
     registry = MODELS.get(config.model.name)
     check_model(config.embed, resizable=registry is None or registry.resizable)
+    metadata = output_metadata(config)
+    check_previous_outputs(config, metadata)
     prepare_output_dir(config.output_dir, replaced)  # last: a refused run changes nothing
-    print(plan.describe(config.input), flush=True)
+    if announce:
+        print(plan.describe(config.input), flush=True)
 
     started = datetime.datetime.now(datetime.timezone.utc)
     show_progress = config.progress_interval_s > 0 and is_local_runner(options)
@@ -79,7 +92,7 @@ def run(config: JobConfig, beam_args: Sequence[str]) -> dict:
         "input_found": {"kind": plan.kind, "count": plan.inputs, "unit": plan.unit,
                         "left_out_by_extension": plan.left_out},
         "output": config.output_dir,
-        "skip_existing": config.skip_existing,
+        "skip_existing": list(config.skip_existing),
         "model": config.model.name,
         "handle": config.model.handle,
         "image_size": config.model.input_size,

@@ -16,7 +16,7 @@ import dataclasses
 import itertools
 import os
 import struct
-from typing import Iterator, Optional
+from typing import Iterator, Sequence
 
 import apache_beam as beam
 from apache_beam.io import fileio
@@ -290,20 +290,20 @@ class ReadImageRefs(beam.PTransform):
     """`--input` -> {"refs": ImageRef with unique ids, FAILED: Failure, SKIPPED: ids an earlier run embedded}.
 
     Grouping by id both enforces the duplicate rule and redistributes the inputs across workers,
-    so no separate Reshuffle is needed. With `previous_embeddings` (a glob of an earlier run's
-    embeddings files) the same grouping drops ids that are already embedded.
+    so no separate Reshuffle is needed. With `previous_embeddings` (globs of earlier runs' embeddings
+    files) the same grouping drops ids that are already embedded.
     """
 
     def __init__(
         self,
         input_path: str,
-        previous_embeddings: Optional[str] = None,
+        previous_embeddings: Sequence[str] = (),
         tfrecord_features: TFRecordFeatures = TFRecordFeatures(),
     ):
         super().__init__()
         self._input = input_path
         self._kind = input_kind(input_path)
-        self._previous = previous_embeddings
+        self._previous = list(previous_embeddings)
         self._tfrecord_features = tfrecord_features
 
     def expand(self, pbegin):
@@ -318,7 +318,8 @@ class ReadImageRefs(beam.PTransform):
         if self._previous:
             keyed["previous"] = (
                 pbegin
-                | "ReadPreviousIds" >> beam.io.ReadFromParquet(self._previous, columns=["id"])
+                | "PreviousOutputs" >> beam.Create(self._previous)
+                | "ReadPreviousIds" >> beam.io.ReadAllFromParquet(columns=["id"])
                 | "KeyPreviousIds" >> beam.Map(lambda record: (record["id"], None))
             )
         else:

@@ -1,0 +1,127 @@
+"""The current view of an index: for every live (id, uri) of the last update, the latest committed vector for it.
+
+`index_status` counts it from the id and uri columns (pyarrow joins, no vectors read); `WriteSnapshot` writes
+it as one dataset with a Beam pipeline, so that it scales with the index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Optional, Sequence
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline.index.plan import read_pairs
+from pipeline.index.store import IndexStore, LogEntry
+from transforms.embed import Embedding
+from transforms.sink import METADATA_PREFIX, WriteEmbeddings
+
+
+def _pairs_table(files: Sequence[tuple]) -> pa.Table:
+    """id, uri, seq of every row of the given (seq, path) Parquet files."""
+    import pyarrow.parquet as pq
+
+    tables = []
+    for seq, path in files:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            table = pq.read_table(f, columns=["id", "uri"])
+        tables.append(table.append_column("seq", pa.array(np.full(table.num_rows, seq, np.int64))))
+    empty = pa.table({"id": pa.array([], pa.string()), "uri": pa.array([], pa.string()),
+                      "seq": pa.array([], pa.int64())})
+    return pa.concat_tables([t.cast(empty.schema) for t in tables]) if tables else empty
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexStatus:
+    runs: int
+    updates: int
+    live_ids: int  # ids in the input as of the last finished update
+    embedded: int  # live ids with a vector: the current view
+    failed: int  # live ids without a vector (their last attempt failed)
+    superseded_vectors: int  # committed vectors not in the current view
+    removed_ids: int  # ids with vectors that are no longer live
+    last_update: Optional[str]
+    leftovers: tuple
+
+
+def index_status(store: IndexStore) -> IndexStatus:
+    entries = store.log()
+    runs = store.committed_runs(entries)
+    last = store.latest_update(entries)
+    live = _pairs_table([(0, path) for path in store.live_files(last)]) if last else _pairs_table([])
+    vectors = _pairs_table([(run.seq, path) for run in runs for path in store.run_files(run)])
+    current = live.select(["id", "uri"]).join(vectors.group_by(["id", "uri"]).aggregate([]), ["id", "uri"],
+                                              join_type="inner")
+    vector_ids = vectors.group_by(["id"]).aggregate([])
+    removed = vector_ids.join(live.select(["id"]), "id", join_type="left anti")
+    return IndexStatus(
+        runs=len(runs),
+        updates=sum(1 for e in entries if e.kind == "update"),
+        live_ids=live.num_rows,
+        embedded=current.num_rows,
+        failed=live.num_rows - current.num_rows,
+        superseded_vectors=vectors.num_rows - current.num_rows,
+        removed_ids=removed.num_rows,
+        last_update=last.body["committed_at"] if last else None,
+        leftovers=tuple(store.leftovers(entries)),
+    )
+
+
+def _read_vectors(task: tuple) -> Iterator[tuple]:
+    """(seq, path) -> (id, (seq, uri, vector)) for every row of a committed embeddings file."""
+    import pyarrow.parquet as pq
+
+    seq, path = task
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        parquet = pq.ParquetFile(f)
+        dim = parquet.schema_arrow.field("embedding").type.list_size
+        for batch in parquet.iter_batches(batch_size=1024):
+            matrix = batch.column("embedding").flatten().to_numpy().reshape(-1, dim)
+            for id_, uri, vector in zip(batch.column("id").to_pylist(), batch.column("uri").to_pylist(), matrix):
+                yield id_, (seq, uri, vector.copy())
+
+
+def _current(id_and_groups) -> list:
+    """[the Embedding of a live id's latest vector for its live uri], or [] (removed, or never embedded)."""
+    id_, groups = id_and_groups
+    live = list(groups["live"])
+    uri = live[0][1] if live else None
+    matching = [(seq, vector) for seq, vector_uri, vector in groups["vectors"] if uri is not None and vector_uri == uri]
+    return [Embedding(id_, uri, max(matching, key=lambda pair: pair[0])[1])] if matching else []
+
+
+def run_metadata(store: IndexStore, run: LogEntry) -> dict[str, str]:
+    """The embedding.* metadata of a committed run's files (without the prefix)."""
+    import pyarrow.parquet as pq
+
+    with FileSystems.open(store.run_files(run)[0], compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        metadata = pq.ParquetFile(f).schema_arrow.metadata or {}
+    return {k.decode()[len(METADATA_PREFIX):]: v.decode() for k, v in metadata.items()
+            if k.decode().startswith(METADATA_PREFIX)}
+
+
+class WriteSnapshot(beam.PTransform):
+    """The current view -> OUTPUT/embeddings-*.parquet, with the schema and metadata of the index's runs."""
+
+    def __init__(self, store: IndexStore, entries: Sequence[LogEntry], output_dir: str):
+        super().__init__()
+        last = store.latest_update(list(entries))
+        runs = store.committed_runs(list(entries))
+        self._live = [(0, path) for path in store.live_files(last)]
+        self._vectors = [(run.seq, path) for run in runs for path in store.run_files(run)]
+        self._metadata = run_metadata(store, runs[-1])
+        self._output_dir = output_dir
+
+    def expand(self, pbegin):
+        keyed = {
+            "live": pbegin | "LiveFiles" >> beam.Create(self._live) | "ReadLive" >> beam.FlatMap(read_pairs),
+            "vectors": (pbegin | "VectorFiles" >> beam.Create(self._vectors) | "Spread" >> beam.Reshuffle()
+                        | "ReadVectors" >> beam.FlatMap(_read_vectors)),
+        }
+        dim = int(self._metadata["dim"])
+        return (keyed | "GroupById" >> beam.CoGroupByKey() | "Latest" >> beam.FlatMap(_current)
+                | "Write" >> WriteEmbeddings(self._output_dir, dim, self._metadata))
