@@ -44,6 +44,32 @@ def run_pipeline(*args: str) -> int:
     return main([*args] if chosen else [*args, "--direct_running_mode=in_memory"])
 
 
+def direct_vectors(handle, paths, size):
+    """The model called directly, one image at a time, on decode_image's pixels."""
+    import tensorflow_hub as hub
+
+    from transforms.decode import PreprocessConfig, decode_image
+
+    model = hub.load(handle)
+    config = PreprocessConfig(image_size=size)
+    vectors = {}
+    for path in paths:
+        with open(path, "rb") as f:
+            pixels = decode_image(f.read(), config)
+        vectors[path] = model(pixels[np.newaxis].astype(np.float32) / 255.0).numpy()[0]
+    return vectors
+
+
+def assert_matches_direct_calls(pipeline_vectors, direct_vectors):
+    ids = sorted(direct_vectors)
+    direct = np.stack([direct_vectors[i] for i in ids])
+    produced = np.stack([pipeline_vectors[i] for i in ids])
+    between_images = np.linalg.norm(direct[:, None] - direct[None], axis=-1)[np.triu_indices(len(ids), 1)]
+    assert np.abs(produced - direct).max() < 1e-3 * between_images.min()
+    nearest = np.argmin(np.linalg.norm(produced[:, None] - direct[None], axis=-1), axis=1)
+    assert list(nearest) == list(range(len(ids)))  # each vector is nearest to its own direct-call vector
+
+
 def read_embeddings(out_dir: str) -> pa.Table:
     return pa.concat_tables([pq.read_table(p) for p in sorted(glob.glob(os.path.join(out_dir, "embeddings-*.parquet")))])
 

@@ -12,9 +12,18 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from helpers import PHOTO_NAMES, encode, photo, read_embeddings, read_errors, run_pipeline, vectors_by_id
+from helpers import (
+    PHOTO_NAMES,
+    assert_matches_direct_calls,
+    direct_vectors,
+    encode,
+    photo,
+    read_embeddings,
+    read_errors,
+    run_pipeline,
+    vectors_by_id,
+)
 from pipeline.models import MODELS
-from transforms.decode import PreprocessConfig, decode_image
 
 MOBILENET, INCEPTION = MODELS["mobilenet_v2_130_224"], MODELS["inception_resnet_v2"]
 FORMATS = [("JPEG", "jpg"), ("PNG", "png"), ("GIF", "gif"), ("BMP", "bmp"), ("WEBP", "webp"), ("TIFF", "tif")]
@@ -32,30 +41,6 @@ def _write_photo_corpus(root, names, sizes=((360, 240), (240, 320), (500, 500), 
         path.write_bytes(encode(image, fmt, **({"quality": 92} if fmt == "JPEG" else {})))
         paths.append(str(path))
     return paths
-
-
-def _direct_vectors(handle, paths, size):
-    """The model called directly, one image at a time, on decode_image's pixels."""
-    import tensorflow_hub as hub
-
-    model = hub.load(handle)
-    config = PreprocessConfig(image_size=size)
-    vectors = {}
-    for path in paths:
-        with open(path, "rb") as f:
-            pixels = decode_image(f.read(), config)
-        vectors[path] = model(pixels[np.newaxis].astype(np.float32) / 255.0).numpy()[0]
-    return vectors
-
-
-def _assert_matches_direct_calls(pipeline_vectors, direct_vectors):
-    ids = sorted(direct_vectors)
-    direct = np.stack([direct_vectors[i] for i in ids])
-    produced = np.stack([pipeline_vectors[i] for i in ids])
-    between_images = np.linalg.norm(direct[:, None] - direct[None], axis=-1)[np.triu_indices(len(ids), 1)]
-    assert np.abs(produced - direct).max() < 1e-3 * between_images.min()
-    nearest = np.argmin(np.linalg.norm(produced[:, None] - direct[None], axis=-1), axis=1)
-    assert list(nearest) == list(range(len(ids)))  # each vector is nearest to its own direct-call vector
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +94,8 @@ def test_errors_schema(mobilenet_job):
 
 def test_mobilenet_embeddings_equal_direct_model_calls(mobilenet_job):
     produced = vectors_by_id(read_embeddings(mobilenet_job["out"]))
-    direct = _direct_vectors(mobilenet_job["handle"], mobilenet_job["paths"], MOBILENET.input_size)
-    _assert_matches_direct_calls(produced, direct)
+    direct = direct_vectors(mobilenet_job["handle"], mobilenet_job["paths"], MOBILENET.input_size)
+    assert_matches_direct_calls(produced, direct)
 
 
 def test_output_reads_as_one_dataset_in_pandas_duckdb_polars_and_pyarrow(mobilenet_job):
@@ -142,7 +127,7 @@ def test_inception_resnet_v2_end_to_end_from_a_csv_manifest_with_ids(tmp_path, i
     assert dict(zip(table.column("id").to_pylist(), table.column("uri").to_pylist())) == {
         f"img-{i}": p for i, p in enumerate(paths)}
     produced = {uri: vec for uri, vec in zip(table.column("uri").to_pylist(), vectors_by_id(table).values())}
-    _assert_matches_direct_calls(produced, _direct_vectors(inception_handle, paths, INCEPTION.input_size))
+    assert_matches_direct_calls(produced, direct_vectors(inception_handle, paths, INCEPTION.input_size))
     assert read_errors(str(out)).num_rows == 0
 
 
@@ -154,7 +139,7 @@ def test_inception_resnet_v2_at_another_image_size(tmp_path, inception_handle):
     table = read_embeddings(str(out))
     assert table.num_rows == 2
     assert table.schema.metadata[b"embedding.image_size"] == b"160"
-    _assert_matches_direct_calls(vectors_by_id(table), _direct_vectors(inception_handle, paths, 160))
+    assert_matches_direct_calls(vectors_by_id(table), direct_vectors(inception_handle, paths, 160))
 
 
 def test_custom_hub_model_is_usable_with_its_declared_size_and_dim(tmp_path, mobilenet_handle):
@@ -192,7 +177,7 @@ def test_bfloat16_mode_is_opt_in_recorded_and_close_to_float32(tmp_path, mobilen
     table = read_embeddings(str(out))
     assert table.schema.metadata[b"embedding.precision"] == b"bfloat16 (oneDNN auto mixed precision)"
     produced = vectors_by_id(table)
-    direct = _direct_vectors(mobilenet_handle, paths, MOBILENET.input_size)
+    direct = direct_vectors(mobilenet_handle, paths, MOBILENET.input_size)
     for path in paths:
         a, b = produced[path], direct[path]
         assert np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b) > 0.97  # measured: min 0.980 over 256 photos
