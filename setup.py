@@ -12,6 +12,7 @@ REQUIRED = [
     "pyarrow==25.0.1",
     "pillow==12.3.0",
     "rich==15.0.0",  # the progress bar
+    "ai-edge-litert==2.3.0",  # the compiled CPU engine (LiteRT with XNNPACK)
 ]
 
 TEST = [

@@ -19,7 +19,7 @@ class ModelSpec:
     """What the pipeline needs to know about a feature-vector model.
 
     `input_size` is the square side the images are resized to. `resizable` says the model accepts
-    other sizes (so `--image_size` may change it). `standin_architecture` names the Keras application
+    other sizes (so `--image_size` may change it). `preferred_engine` is what `--engine auto` runs it on. `standin_architecture` names the Keras application
     whose random-weight copy stands in for the model where its weights cannot be downloaded.
     """
 
@@ -28,6 +28,7 @@ class ModelSpec:
     input_size: int
     dim: int
     resizable: bool = False
+    preferred_engine: str = "tensorflow"  # the CPU engine measured fastest for it (benchmarks/engines.py)
     standin_architecture: Optional[str] = None
     standin_kwargs: tuple = ()
 
@@ -40,6 +41,7 @@ MODELS: dict[str, ModelSpec] = {
             handle="https://tfhub.dev/google/imagenet/mobilenet_v2_130_224/feature_vector/4",
             input_size=224,
             dim=1664,
+            preferred_engine="litert",
             standin_architecture="MobileNetV2",
             standin_kwargs=(("alpha", 1.3),),
         ),

@@ -9,6 +9,8 @@ import os
 from typing import Optional, Sequence
 
 from pipeline.models import CUSTOM_MODEL, MODELS, ModelSpec, resolve_model
+
+ENGINES = ("auto", "tensorflow", "litert")
 from transforms.decode import RESIZE_MODES, PreprocessConfig
 from transforms.embed import EmbedConfig
 from transforms.source import TFRecordFeatures
@@ -35,6 +37,8 @@ class JobConfig:
     force_full_run: bool = False
     max_error_rate: Optional[float] = None
     verbose: bool = False
+    engine: str = "auto"  # as asked; the launcher resolves it into embed.engine
+    compiled_cache: Optional[str] = None
 
 
 def positive_int(text: str) -> int:
@@ -181,6 +185,14 @@ def build_parser(
                       "the DirectRunner worker processes (measured fastest), otherwise TensorFlow's default.")
     perf.add_argument("--tf_inter_op_threads", type=_non_negative_int, default=0,
                       help="TensorFlow inter-op threads per worker process (0: TensorFlow's default).")
+    perf.add_argument("--engine", choices=ENGINES, default="auto",
+                      help="Inference engine. auto: the one measured fastest for the model on CPU (LiteRT for "
+                      "mobilenet_v2_130_224, TensorFlow for inception_resnet_v2 and custom models), falling back "
+                      "to TensorFlow with a note when the model cannot be compiled; tensorflow; litert: the model "
+                      "compiled once per job, run by LiteRT with XNNPACK. Default: %(default)s.")
+    perf.add_argument("--compiled_cache", metavar="DIR",
+                      help="Where compiled models are kept and reused, readable by every worker. Default: "
+                      "TEMP_LOCATION/compiled-models with --temp_location, else ~/.cache/beam-image-embeddings/compiled.")
     perf.add_argument("--bfloat16", action="store_true",
                       help="Run the model in bfloat16 through oneDNN auto mixed precision (CPUs with AVX512-BF16 or "
                       "AMX): faster, vectors differ slightly from float32 and are recorded as such. Default: float32.")
@@ -256,4 +268,6 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         force_full_run=getattr(args, "force_full_run", False),
         max_error_rate=args.max_error_rate,
         verbose=args.verbose,
+        engine=args.engine,
+        compiled_cache=args.compiled_cache,
     )

@@ -13,6 +13,7 @@ import numpy as np
 
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline.engine import describe as describe_engine
 from pipeline.fingerprint import model_fingerprint
 from pipeline.models import handle_available
 from pipeline.options import JobConfig
@@ -101,6 +102,7 @@ def output_metadata(config: JobConfig) -> dict[str, str]:
         "dim": str(config.model.dim),
         "preprocessing": config.preprocess.describe(),
         "precision": config.embed.precision(),
+        "engine": describe_engine(config.embed),
         "weights": f"STAND-IN: {STANDIN_WARNING}" if standin else "as published at the handle",
     }
 

@@ -15,10 +15,12 @@ from typing import Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 from apache_beam.runners.runner import PipelineState
 
 from pipeline.embed_pipeline import build_pipeline
+from pipeline.engine import EngineError, default_cache, resolve_engine
+from pipeline.fingerprint import model_fingerprint
 from pipeline.models import MODELS
 from pipeline.options import JobConfig, parse_args
 from pipeline.outputs import RUN_REPORT, OutputDirError, earlier_results, prepare_output_dir, summarize_outputs
@@ -43,7 +45,7 @@ from pipeline.runtime import (
 from transforms.source import SKIPPED_COUNTER, ManifestError, plan_input
 
 # Errors that refuse a run before any work: exit code 2.
-PREFLIGHT_ERRORS = (ManifestError, OutputDirError, ModelCheckError, IncrementalRunError)
+PREFLIGHT_ERRORS = (ManifestError, OutputDirError, ModelCheckError, IncrementalRunError, EngineError)
 
 
 def run(config: JobConfig, beam_args: Sequence[str], announce: bool = True) -> dict:
@@ -54,12 +56,18 @@ def run(config: JobConfig, beam_args: Sequence[str], announce: bool = True) -> d
     args = with_direct_defaults(beam_args)
     options = PipelineOptions(args)
     config = with_thread_defaults(config, options)
-    execution = describe_execution(config, options, auto=len(args) > len(beam_args))
     plan = plan_input(config.input)
     config = dataclasses.replace(config, skip_existing=tuple(expand_previous_outputs(config.skip_existing)))
     replaced = earlier_results(config.output_dir, config.overwrite)
     registry = MODELS.get(config.model.name)
     check_model(config.embed, resizable=registry is None or registry.resizable)
+    fingerprint = model_fingerprint(config.model.handle)
+    cache = config.compiled_cache or default_cache(options.view_as(GoogleCloudOptions).temp_location)
+    embed, note = resolve_engine(config.embed, config.engine, config.model.name, fingerprint, cache)
+    if note:
+        print(note, file=sys.stderr, flush=True)
+    config = dataclasses.replace(config, embed=embed)
+    execution = describe_execution(config, options, auto=len(args) > len(beam_args))
     metadata = output_metadata(config)
     check_previous_outputs(config, metadata)
     prepare_output_dir(config.output_dir, replaced)  # last: a refused run changes nothing
@@ -99,6 +107,7 @@ def run(config: JobConfig, beam_args: Sequence[str], announce: bool = True) -> d
         "dim": config.model.dim,
         "weights": metadata["weights"],
         "precision": metadata["precision"],
+        "engine": metadata["engine"],
         "tf_threads_per_process": {"intra_op": config.embed.intra_op_threads, "inter_op": config.embed.inter_op_threads},
         "counts": {
             "inputs": summary.embedded + summary.errors + skipped,

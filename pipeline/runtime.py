@@ -60,14 +60,14 @@ def with_thread_defaults(config: JobConfig, options: PipelineOptions) -> JobConf
 
 
 def describe_execution(config: JobConfig, options: PipelineOptions, auto: bool) -> str:
-    """E.g. "DirectRunner, 2 worker processes x 1 TensorFlow thread (picked for this machine)"."""
+    """E.g. "DirectRunner, 2 worker processes x 1 litert thread (picked for this machine; ...)"."""
     runner = runner_name(options)
     if runner not in ("DirectRunner", "BundleBasedDirectRunner"):
-        return runner
+        return f"{runner}, {config.embed.engine}"
     direct = options.view_as(DirectOptions)
     processes = direct.direct_num_workers if direct.direct_running_mode == "multi_processing" else 1
     threads = config.embed.intra_op_threads or "all cores'"
-    text = f"{runner}, {processes} worker process{'es' if processes != 1 else ''} x {threads} TensorFlow " \
+    text = f"{runner}, {processes} worker process{'es' if processes != 1 else ''} x {threads} {config.embed.engine} " \
            f"thread{'s' if threads != 1 else ''}"
     return text + (" (picked for this machine; set --direct_num_workers to change)" if auto else "")
 

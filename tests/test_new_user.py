@@ -162,7 +162,7 @@ def test_a_plain_run_is_quiet_fast_by_default_and_says_so(tmp_path):
     assert f"Reading --input {SAMPLES} as a folder: {n} image files under it." in result.stdout
     cores = os.cpu_count()
     if cores >= 2:
-        assert f"DirectRunner, {cores} worker processes x {max(1, cores // cores)} TensorFlow thread" in result.stdout
+        assert f"DirectRunner, {cores} worker processes x 1 litert thread (picked for this machine" in result.stdout
     assert len(result.stdout.splitlines()) <= 6
 
 

@@ -7,11 +7,13 @@ under Keras 3, unlike Beam's stock TF handler (it calls `tf.keras.models.load_mo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import logging
 import os
 import sys
+import threading
 from typing import Iterable, NamedTuple, Optional, Sequence, Union
 
 import apache_beam as beam
@@ -25,27 +27,46 @@ from transforms.records import FAILED, DecodedImage, Failure, Stage, describe_ex
 VERBOSE_ENV = "BEAM_EMBEDDINGS_VERBOSE"
 
 
-def import_tensorflow():
-    """TensorFlow, imported without its start-up chatter unless VERBOSE_ENV is set.
+_mute_lock = threading.Lock()
+_mute = {"depth": 0, "saved": None}
 
-    On CPU machines TensorFlow prints CUDA probing errors and oneDNN notices straight to file
-    descriptor 2 before any log level applies; they say nothing about the run. Import errors still
-    raise with their message.
+
+@contextlib.contextmanager
+def native_stderr_muted():
+    """Silences what native libraries write straight to file descriptor 2, unless VERBOSE_ENV is set.
+
+    TensorFlow prints CUDA probing errors and oneDNN notices on CPU machines at import, and LiteRT an
+    INFO line per interpreter, before any log level applies; they say nothing about the run. Python
+    exceptions still carry their messages. Threads may nest: the first one in mutes, the last one out
+    restores.
     """
-    if "tensorflow" in sys.modules or os.environ.get(VERBOSE_ENV):
-        import tensorflow as tf
-
-        return tf
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    if os.environ.get(VERBOSE_ENV):
+        yield
+        return
+    with _mute_lock:
+        if _mute["depth"] == 0:
+            sys.stderr.flush()
+            _mute["saved"] = os.dup(2)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+        _mute["depth"] += 1
     try:
-        os.dup2(devnull, 2)
-        import tensorflow as tf
+        yield
     finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+        with _mute_lock:
+            _mute["depth"] -= 1
+            if _mute["depth"] == 0:
+                os.dup2(_mute["saved"], 2)
+                os.close(_mute["saved"])
+
+
+def import_tensorflow():
+    """TensorFlow, imported without its start-up chatter (see native_stderr_muted)."""
+    if "tensorflow" not in sys.modules and not os.environ.get(VERBOSE_ENV):
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with native_stderr_muted():
+        import tensorflow as tf
     return tf
 
 
@@ -84,9 +105,20 @@ class EmbedConfig:
     inter_op_threads: int = 0
     large_model: bool = False  # one model per machine, shared by its worker processes
     bfloat16: bool = False  # oneDNN auto mixed precision; opt-in, changes the vectors slightly
+    engine: str = "tensorflow"  # or "litert": the compiled artifact at `compiled`, chosen by the launcher
+    compiled: Optional[str] = None
 
     def precision(self) -> str:
         return "bfloat16 (oneDNN auto mixed precision)" if self.bfloat16 else "float32"
+
+
+def load_embedder(config: EmbedConfig):
+    """The engine the launcher chose: LiteRT on the compiled artifact (no TensorFlow import), or TensorFlow."""
+    if config.engine == "litert":
+        from transforms.litert_engine import LiteRTEmbedder
+
+        return LiteRTEmbedder(config.compiled, config.image_size, config.dim, config.intra_op_threads)
+    return HubEmbedder(config)
 
 
 class HubEmbedder:
@@ -147,7 +179,7 @@ def _configure_threads(tf, intra: int, inter: int) -> None:
         logging.info("TensorFlow thread settings already fixed in this process; keeping them.")
 
 
-class HubModelHandler(ModelHandler[DecodedImage, Union[Embedding, Failure], HubEmbedder]):
+class HubModelHandler(ModelHandler[DecodedImage, Union[Embedding, Failure], object]):
     """RunInference handler: DecodedImage batches -> Embedding, or Failure for images the model rejects."""
 
     def __init__(self, config: EmbedConfig):
@@ -156,8 +188,8 @@ class HubModelHandler(ModelHandler[DecodedImage, Union[Embedding, Failure], HubE
         )
         self._config = config
 
-    def load_model(self) -> HubEmbedder:
-        return HubEmbedder(self._config)
+    def load_model(self):
+        return load_embedder(self._config)
 
     def run_inference(
         self, batch: Sequence[DecodedImage], model: HubEmbedder, inference_args: Optional[dict] = None
