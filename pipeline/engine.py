@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import uuid
 from typing import Optional
@@ -42,12 +43,49 @@ def default_cache(temp_location: Optional[str]) -> str:
 
 
 def _converter_version() -> str:
-    return f"tf{import_tensorflow().__version__}"
+    from importlib.metadata import version
+
+    return f"tf{version('tensorflow')}"
 
 
 def compiled_path(cache: str, fingerprint: str, image_size: int) -> str:
     digest = fingerprint.split(":", 1)[-1][:24]
     return FileSystems.join(cache, f"{digest}-{image_size}px-uint8-{_converter_version()}.tflite")
+
+
+def _verification_path(artifact: str) -> str:
+    return artifact + ".verified.json"
+
+
+def planned_engine(requested: str, model_name: str, bfloat16: bool) -> str:
+    """What `requested` means for this model before anything is loaded: the registry's choice under auto."""
+    if requested == "auto":
+        registry = MODELS.get(model_name)
+        preferred = registry.preferred_engine if registry else "tensorflow"
+        return "tensorflow" if bfloat16 else preferred
+    return requested
+
+
+def verified_artifact(embed: EmbedConfig, fingerprint: str, cache: str) -> Optional[EmbedConfig]:
+    """The LiteRT config when an earlier job compiled this model and verified it against TensorFlow.
+
+    Then the launcher needs no TensorFlow at all: a later run starts in a fraction of the time.
+    """
+    path = compiled_path(cache, fingerprint, embed.image_size)
+    try:
+        with FileSystems.open(_verification_path(path), compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            verified = json.loads(f.read().decode("utf-8"))
+    except Exception:  # not compiled yet, or never verified
+        return None
+    if verified.get("relative_difference", 1.0) > RELATIVE_TOLERANCE or not FileSystems.exists(path):
+        return None
+    return dataclasses.replace(embed, engine="litert", compiled=path)
+
+
+def _record_verification(path: str, difference: float) -> None:
+    with FileSystems.create(_verification_path(path), compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        f.write(json.dumps({"relative_difference": difference, "tolerance": RELATIVE_TOLERANCE,
+                            "probe_images": PROBE_IMAGES}).encode("utf-8"))
 
 
 def compile_litert(handle: str, image_size: int, fingerprint: str, cache: str) -> str:
@@ -75,7 +113,10 @@ def compile_litert(handle: str, image_size: int, fingerprint: str, cache: str) -
     return path
 
 
-def probe_images(image_size: int, count: int = 4) -> np.ndarray:
+PROBE_IMAGES = 4
+
+
+def probe_images(image_size: int, count: int = PROBE_IMAGES) -> np.ndarray:
     """Deterministic test pictures: smooth gradients with texture, so that the vectors differ between them."""
     rng = np.random.default_rng(7)
     axis = np.linspace(0, 1, image_size, dtype=np.float32)
@@ -111,9 +152,8 @@ def resolve_engine(embed: EmbedConfig, requested: str, model_name: str, fingerpr
     """The EmbedConfig with the engine to use, and a one-line note when `auto` had to choose otherwise."""
     if requested not in ENGINES:
         raise EngineError(f"--engine {requested} is not one of {', '.join(ENGINES)}.")
-    registry = MODELS.get(model_name)
-    preferred = registry.preferred_engine if registry else "tensorflow"
-    engine = preferred if requested == "auto" else requested
+    engine = "litert" if requested == "auto" and planned_engine("auto", model_name, False) == "litert" else requested
+    engine = "tensorflow" if engine == "auto" else engine
     if engine == "tensorflow":
         return dataclasses.replace(embed, engine="tensorflow", compiled=None), None
     if embed.bfloat16:
@@ -125,6 +165,7 @@ def resolve_engine(embed: EmbedConfig, requested: str, model_name: str, fingerpr
         path = compile_litert(embed.handle, embed.image_size, fingerprint, cache)
         compiled = dataclasses.replace(embed, engine="litert", compiled=path)
         difference = fidelity(compiled, embed)
+        _record_verification(path, difference)
     except Exception as exc:
         problem = f"the model could not be converted for LiteRT ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
     else:

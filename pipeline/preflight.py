@@ -19,7 +19,7 @@ from pipeline.models import handle_available
 from pipeline.options import JobConfig
 from pipeline.outputs import RUN_REPORT, is_finished_run, summarize_outputs
 from pipeline.standin_models import STANDIN_WARNING, standin_info
-from transforms.embed import EmbedConfig, HubEmbedder
+from transforms.embed import EmbedConfig, HubEmbedder, load_embedder
 
 # Said wherever a model cannot be had: how to run without a route to the hub.
 OFFLINE_HINT = (
@@ -46,10 +46,8 @@ def _saved_model_inside(handle: str) -> Optional[str]:
     return inner[0] if len(inner) == 1 else None
 
 
-@functools.lru_cache(maxsize=4)
-def check_model(config: EmbedConfig, resizable: bool = True) -> None:
-    """Loads the model once in the launcher and embeds one grey image: [1, dim] or a clear error."""
-    handle = config.handle
+def check_handle(handle: str) -> None:
+    """What can be said of a handle without loading TensorFlow: reachable, existing, a SavedModel folder."""
     if not handle_available(handle):
         raise ModelCheckError(
             f"Cannot reach the host of model handle {handle} (and it is not in TFHUB_CACHE_DIR). {OFFLINE_HINT}"
@@ -61,6 +59,22 @@ def check_model(config: EmbedConfig, resizable: bool = True) -> None:
         raise ModelCheckError(f"{handle} is a folder that holds a SavedModel, not one itself: pass --model_handle {inner}")
     if os.path.isdir(handle) and not os.path.isfile(os.path.join(handle, "saved_model.pb")):
         raise ModelCheckError(f"{handle} is a folder without saved_model.pb, so it is not a SavedModel. {OFFLINE_HINT}")
+
+
+def check_compiled(config: EmbedConfig) -> None:
+    """A verified compiled model, checked the cheap way: one probe batch through LiteRT gives [n, dim]."""
+    try:
+        load_embedder(config)(np.full((1, config.image_size, config.image_size, 3), 128, np.uint8))
+    except Exception as exc:
+        raise ModelCheckError(f"The compiled model {config.compiled} is not usable: {_first_sentence(exc)}. "
+                              f"Delete it to compile again, or pass --engine tensorflow.") from None
+
+
+@functools.lru_cache(maxsize=4)
+def check_model(config: EmbedConfig, resizable: bool = True) -> None:
+    """Loads the model once in the launcher and embeds one grey image: [1, dim] or a clear error."""
+    handle = config.handle
+    check_handle(handle)
     try:
         embedder = HubEmbedder(config)
     except Exception as exc:

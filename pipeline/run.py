@@ -19,7 +19,7 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOpt
 from apache_beam.runners.runner import PipelineState
 
 from pipeline.embed_pipeline import build_pipeline
-from pipeline.engine import EngineError, default_cache, resolve_engine
+from pipeline.engine import EngineError, default_cache, planned_engine, resolve_engine, verified_artifact
 from pipeline.fingerprint import model_fingerprint
 from pipeline.models import MODELS
 from pipeline.options import JobConfig, parse_args
@@ -27,6 +27,8 @@ from pipeline.outputs import RUN_REPORT, OutputDirError, earlier_results, prepar
 from pipeline.preflight import (
     IncrementalRunError,
     ModelCheckError,
+    check_compiled,
+    check_handle,
     check_model,
     check_previous_outputs,
     expand_previous_outputs,
@@ -42,10 +44,29 @@ from pipeline.runtime import (
     with_direct_defaults,
     with_thread_defaults,
 )
+from transforms.embed import EmbedConfig
 from transforms.source import SKIPPED_COUNTER, ManifestError, plan_input
 
 # Errors that refuse a run before any work: exit code 2.
 PREFLIGHT_ERRORS = (ManifestError, OutputDirError, ModelCheckError, IncrementalRunError, EngineError)
+
+
+def choose_engine(config: JobConfig, options: PipelineOptions, registry) -> EmbedConfig:
+    """Checks the model and settles its engine. A model compiled and verified by an earlier job needs no
+    TensorFlow in the launcher: only its file fingerprint and one LiteRT probe batch."""
+    check_handle(config.model.handle)
+    fingerprint = model_fingerprint(config.model.handle)
+    cache = config.compiled_cache or default_cache(options.view_as(GoogleCloudOptions).temp_location)
+    if planned_engine(config.engine, config.model.name, config.embed.bfloat16) == "litert":
+        ready = verified_artifact(config.embed, fingerprint, cache)
+        if ready is not None:
+            check_compiled(ready)
+            return ready
+    check_model(config.embed, resizable=registry is None or registry.resizable)
+    embed, note = resolve_engine(config.embed, config.engine, config.model.name, fingerprint, cache)
+    if note:
+        print(note, file=sys.stderr, flush=True)
+    return embed
 
 
 def run(config: JobConfig, beam_args: Sequence[str], announce: bool = True) -> dict:
@@ -60,13 +81,7 @@ def run(config: JobConfig, beam_args: Sequence[str], announce: bool = True) -> d
     config = dataclasses.replace(config, skip_existing=tuple(expand_previous_outputs(config.skip_existing)))
     replaced = earlier_results(config.output_dir, config.overwrite)
     registry = MODELS.get(config.model.name)
-    check_model(config.embed, resizable=registry is None or registry.resizable)
-    fingerprint = model_fingerprint(config.model.handle)
-    cache = config.compiled_cache or default_cache(options.view_as(GoogleCloudOptions).temp_location)
-    embed, note = resolve_engine(config.embed, config.engine, config.model.name, fingerprint, cache)
-    if note:
-        print(note, file=sys.stderr, flush=True)
-    config = dataclasses.replace(config, embed=embed)
+    config = dataclasses.replace(config, embed=choose_engine(config, options, registry))
     execution = describe_execution(config, options, auto=len(args) > len(beam_args))
     metadata = output_metadata(config)
     check_previous_outputs(config, metadata)

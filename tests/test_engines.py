@@ -183,3 +183,24 @@ def test_the_launchers_fidelity_check_measures_the_difference(mobilenet_handle, 
     embed, _ = resolve_engine(config, "litert", "mobilenet_v2_130_224", model_fingerprint(mobilenet_handle),
                               str(tmp_path))
     assert embed.engine == "litert" and 0 <= fidelity(embed, config) < 1e-4
+
+
+def test_a_later_job_starts_without_tensorflow_once_the_model_is_compiled_and_verified(tmp_path, mobilenet_handle):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    (images / "a.png").write_bytes(encode(photo("coffee")[:80, :80], "PNG"))
+    cache = tmp_path / "cache"
+    script = (
+        "import sys\n"
+        "from pipeline.run import main\n"
+        f"code = main(['--input', {str(images)!r}, '--output', sys.argv[1], '--model_handle', {mobilenet_handle!r}, "
+        f"'--compiled_cache', {str(cache)!r}, '--direct_running_mode=in_memory'])\n"
+        "print(code, 'tensorflow' in sys.modules)\n"
+    )
+    first = subprocess.run([sys.executable, "-c", script, str(tmp_path / "o1")], capture_output=True, text=True,
+                           cwd=REPO)
+    second = subprocess.run([sys.executable, "-c", script, str(tmp_path / "o2")], capture_output=True, text=True,
+                            cwd=REPO)
+    assert first.stdout.splitlines()[-1] == "0 True"  # compiled and verified against TensorFlow
+    assert second.stdout.splitlines()[-1] == "0 False", second.stderr[-2000:]  # launcher and worker: LiteRT only
+    assert glob.glob(f"{cache}/*.tflite.verified.json")
