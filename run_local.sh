@@ -9,7 +9,7 @@ OUT="${1:-out/local}"
 shift || true
 MODEL=mobilenet_v2_130_224
 
-if handle=$(python -m pipeline.models --available "$MODEL"); then
+if handle=$(python -m pipeline.models available "$MODEL"); then
   handle_args=()
 else
   cat >&2 <<MSG

@@ -21,8 +21,12 @@ _MODEL_FOLDERS = ("variables/", "assets/")
 _CHUNK = 1 << 22
 
 
-def _model_folder(handle: str) -> str:
+def model_folder(handle: str) -> str:
+    """The folder holding the SavedModel: a hub URL is downloaded and unpacked by tensorflow_hub first."""
     if is_remote_hub_handle(handle):
+        from transforms.embed import import_tensorflow
+
+        import_tensorflow()
         import tensorflow_hub as hub
 
         return hub.resolve(handle)
@@ -32,7 +36,7 @@ def _model_folder(handle: str) -> str:
 @functools.lru_cache(maxsize=8)
 def model_fingerprint(handle: str) -> str:
     """'sha256:<hex>' of the model's defining files; raises ValueError when `handle` holds no SavedModel."""
-    folder = _model_folder(handle)
+    folder = model_folder(handle).rstrip("/")
     prefix = folder + "/"
     matched = FileSystems.match([FileSystems.join(folder, "**")])[0].metadata_list
     files = sorted(

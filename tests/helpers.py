@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import os
@@ -106,3 +107,62 @@ def run_and_collect(build) -> list:
     with beam.Pipeline() as p:
         _ = build(p) | beam.Map(_collect_into, key)
     return _COLLECTED.pop(key)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, process, timeout_s: float = 90) -> None:
+    import socket
+    import time
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout_s} s")
+
+
+@contextlib.contextmanager
+def portable_services(worker_python: str, log_path):
+    """Beam's local job service (this environment) and an SDK worker pool run by `worker_python`, on 127.0.0.1.
+
+    Yields (job port, worker pool port); stops both afterwards. The worker pool's environment is what an
+    SDK container would hold: its bin folder comes first on PATH.
+    """
+    import subprocess
+    import sys
+
+    job_port, worker_port = _free_port(), _free_port()
+    log = open(log_path, "w")
+    services = [
+        subprocess.Popen([sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main",
+                          "--port", str(job_port)], stdout=log, stderr=subprocess.STDOUT,
+                         env={**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}),
+        subprocess.Popen([worker_python, "-m", "apache_beam.runners.worker.worker_pool_main",
+                          "--service_port", str(worker_port)], stdout=log, stderr=subprocess.STDOUT,
+                         env={**os.environ, "PATH": f"{os.path.dirname(worker_python)}:{os.environ['PATH']}"}),
+    ]
+    try:
+        _wait_for_port(job_port, services[0])
+        _wait_for_port(worker_port, services[1])
+        yield job_port, worker_port
+    finally:
+        for service in services:
+            service.terminate()
+        for service in services:
+            try:
+                service.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                service.kill()
+        log.close()

@@ -15,7 +15,8 @@ def test_sdist_installs_into_a_fresh_environment_and_runs_the_pipeline(tmp_path,
                    capture_output=True)
     [sdist] = list(dist.glob("*.tar.gz"))
     names = tarfile.open(sdist).getnames()
-    for module in ("pipeline/run.py", "transforms/decode.py", "transforms/embed.py", "setup.py"):
+    for module in ("pipeline/run.py", "pipeline/index/__main__.py", "transforms/decode.py", "transforms/embed.py",
+                   "setup.py", "requirements.txt"):
         assert any(name.endswith(module) for name in names), module
 
     venv = tmp_path / "venv"

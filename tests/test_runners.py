@@ -2,14 +2,11 @@
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 
 import pytest
 
-from helpers import PHOTO_NAMES, encode, photo, read_embeddings, read_errors, run_pipeline
+from helpers import PHOTO_NAMES, encode, photo, portable_services, read_embeddings, read_errors, run_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -47,50 +44,11 @@ def test_large_model_shares_one_model_between_worker_processes(tmp_path, corpus,
     assert json.loads((out / "run_report.json").read_text())["model_loads"] == 1
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(port, process, timeout_s=60):
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited with {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout_s} s")
-
-
 @pytest.fixture
 def portable_job_service(tmp_path):
-    """Beam's local job service plus an external SDK worker pool, on 127.0.0.1; stopped afterwards."""
-    job_port, worker_port = _free_port(), _free_port()
-    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    log = open(tmp_path / "services.log", "w")
-    services = [
-        subprocess.Popen([sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main",
-                          "--port", str(job_port)], env=env, stdout=log, stderr=subprocess.STDOUT),
-        subprocess.Popen([sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main",
-                          "--service_port", str(worker_port)], env=env, stdout=log, stderr=subprocess.STDOUT),
-    ]
-    try:
-        _wait_for_port(job_port, services[0])
-        _wait_for_port(worker_port, services[1])
-        yield job_port, worker_port
-    finally:
-        for service in services:
-            service.terminate()
-        for service in services:
-            try:
-                service.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                service.kill()
-        log.close()
+    """Beam's local job service plus an external SDK worker pool from this environment, on 127.0.0.1."""
+    with portable_services(sys.executable, tmp_path / "services.log") as ports:
+        yield ports
 
 
 def test_portable_runner_with_an_external_worker_pool(tmp_path, corpus, mobilenet_handle, portable_job_service):

@@ -1,0 +1,43 @@
+"""Mirror a model once to a place workers can read without the hub: a local folder or an object store.
+
+    python -m pipeline.models mirror HANDLE DEST
+
+Copies every file of the SavedModel (a hub URL is downloaded and unpacked by tensorflow_hub first), then
+checks that the copy has the source's content fingerprint and records it in DEST/mirror.json. Runs with
+--model_handle DEST continue indexes made from HANDLE: both have the same fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline.fingerprint import model_folder, model_fingerprint
+
+MIRROR_RECORD = "mirror.json"
+_CHUNK = 1 << 22
+
+
+def mirror_model(handle: str, destination: str) -> str:
+    """Copies the model at `handle` to `destination`; returns the fingerprint both share."""
+    source = model_folder(handle)
+    expected = model_fingerprint(handle)
+    destination = destination.rstrip("/")
+    prefix = source.rstrip("/") + "/"
+    files = [m.path for m in FileSystems.match([FileSystems.join(source, "**")])[0].metadata_list
+             if m.path.startswith(prefix)]
+    for path in files:
+        target = FileSystems.join(destination, *path[len(prefix):].split("/"))
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as reader, \
+                FileSystems.create(target, compression_type=CompressionTypes.UNCOMPRESSED) as writer:
+            while chunk := reader.read(_CHUNK):
+                writer.write(chunk)
+    model_fingerprint.cache_clear()
+    copied = model_fingerprint(destination)
+    if copied != expected:
+        raise RuntimeError(f"The copy at {destination} has fingerprint {copied}, the source {expected}: copy again.")
+    with FileSystems.create(FileSystems.join(destination, MIRROR_RECORD)) as f:
+        f.write(json.dumps({"source": handle, "fingerprint": expected}, indent=2).encode("utf-8"))
+    return expected
