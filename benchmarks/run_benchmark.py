@@ -126,11 +126,11 @@ class PeakRss:
         return self.peak
 
 
-def timed(command: list[str]) -> tuple[float, int]:
-    """Runs `command`; returns (seconds, peak RSS bytes of its process tree). Fails loudly on error."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+def timed(command: list[str], cwd: str = REPO) -> tuple[float, int]:
+    """Runs `command` in `cwd`; returns (seconds, peak RSS bytes of its process tree). Fails loudly on error."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": cwd}
     start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     rss = PeakRss(process.pid)
     output, _ = process.communicate()
     seconds, peak = time.perf_counter() - start, rss.stop()
