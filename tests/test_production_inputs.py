@@ -27,6 +27,9 @@ FAST = ReadConfig(http_timeout_s=2, retries=2, backoff_s=0.01)
 def gcs(monkeypatch):
     emulator = GcsEmulator()
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.url)
+    # Anonymous at once: Beam would first spend about 25 s retrying to find Google credentials on this machine.
+    monkeypatch.setattr("apache_beam.internal.gcp.auth._Credentials.get_service_credentials",
+                        classmethod(lambda cls, options: None))
     yield emulator
     emulator.close()
 

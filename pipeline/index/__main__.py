@@ -26,9 +26,9 @@ from pipeline.index.view import WriteSnapshot, index_status
 from pipeline.models import MODELS
 from pipeline.options import positive_int, build_parser, config_from_args, refuse_unknown_args
 from pipeline.outputs import RUN_REPORT, earlier_results, prepare_output_dir, summarize_outputs
-from pipeline.preflight import check_model, metadata_differences, output_metadata
+from pipeline.preflight import metadata_differences, output_metadata
 from pipeline.report import software_versions
-from pipeline.run import PREFLIGHT_ERRORS, run
+from pipeline.run import PREFLIGHT_ERRORS, choose_engine, run
 from pipeline.runtime import configure_logging
 from transforms.records import plural
 from transforms.source import input_kind
@@ -54,8 +54,8 @@ def update(argv: Sequence[str]) -> int:
     store = IndexStore(args.index.rstrip("/"))
     if input_kind(config.input) == "tfrecord":
         parser.error("an index is built from folders, globs and manifests; embed TFRecord files with pipeline.run.")
-    registry = MODELS.get(config.model.name)
-    check_model(config.embed, resizable=registry is None or registry.resizable)
+    embed = choose_engine(config, PipelineOptions(beam_args), MODELS.get(config.model.name))
+    config = dataclasses.replace(config, embed=embed)
     metadata = output_metadata(config)
     identity = store.identity()
     if identity is not None:
