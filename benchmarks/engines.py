@@ -30,13 +30,16 @@ from run_benchmark import SMALL_RUN, batch_for, build_corpus, decode_rate, margi
 from pipeline.engine import compile_litert, default_cache  # noqa: E402
 from pipeline.fingerprint import model_fingerprint  # noqa: E402
 from pipeline.models import MODELS  # noqa: E402
+from pipeline.options import DEFAULT_BATCH  # noqa: E402
 from pipeline.standin_models import cached_standin, load_calibration_images  # noqa: E402
 
 
 def engine_alone(engine: str, handle: str, compiled: str, spec, processes: int, seconds: float) -> dict:
+    """The engine at the batch size the pipeline gives it by default (TensorFlow: the model's best batch)."""
+    batch = {"tensorflow": batch_for(spec.input_size), "litert": DEFAULT_BATCH["litert"]}
     start_at = time.time() + 25  # every copy has started and warmed up before any measures
     command = [sys.executable, os.path.join(HERE, "engine_alone.py"), "--engine", engine, "--handle", handle,
-               "--size", str(spec.input_size), "--dim", str(spec.dim), "--batch", str(batch_for(spec.input_size)),
+               "--size", str(spec.input_size), "--dim", str(spec.dim), "--batch", str(batch[engine]),
                "--threads", "1", "--seconds", str(seconds), "--start_at", str(start_at)]
     if compiled:
         command += ["--compiled", compiled]

@@ -11,6 +11,10 @@ from typing import Optional, Sequence
 from pipeline.models import CUSTOM_MODEL, MODELS, ModelSpec, resolve_model
 
 ENGINES = ("auto", "tensorflow", "litert")
+# Images per model call when --batch_size is not given, measured per engine on CPU (benchmarks/engine_alone.py):
+# LiteRT/XNNPACK is fastest and smallest at 8 (MobileNet: 145 img/s and 328 MB against 128 img/s and 556 MB at 32),
+# TensorFlow/oneDNN at 32.
+DEFAULT_BATCH = {"tensorflow": 32, "litert": 8}
 from transforms.decode import RESIZE_MODES, PreprocessConfig
 from transforms.embed import EmbedConfig
 from transforms.source import TFRecordFeatures
@@ -38,6 +42,7 @@ class JobConfig:
     max_error_rate: Optional[float] = None
     verbose: bool = False
     engine: str = "auto"  # as asked; the launcher resolves it into embed.engine
+    batch_size: Optional[int] = None  # as asked; None: the resolved engine's DEFAULT_BATCH
     compiled_cache: Optional[str] = None
 
 
@@ -175,8 +180,9 @@ def build_parser(
     io.add_argument("--verbose", action="store_true",
                     help="Show every TensorFlow and Beam log message (default: only warnings that matter to the run).")
     perf = parser.add_argument_group("inference")
-    perf.add_argument("--batch_size", type=positive_int, default=EmbedConfig.batch_size,
-                      help="Images per model call. Default: %(default)s.")
+    perf.add_argument("--batch_size", type=positive_int,
+                      help="Images per model call. Default: the engine's measured best, "
+                      + ", ".join(f"{engine} {size}" for engine, size in DEFAULT_BATCH.items()) + ".")
     perf.add_argument("--decode_threads", type=positive_int, default=1,
                       help="Threads per DoFn that decode ahead while the model computes. Default: %(default)s "
                       "(raise it on GPU workers, where decoding sets the pace).")
@@ -254,7 +260,7 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             handle=spec.handle,
             image_size=spec.input_size,
             dim=spec.dim,
-            batch_size=args.batch_size,
+            batch_size=args.batch_size or DEFAULT_BATCH["tensorflow"],
             intra_op_threads=args.tf_intra_op_threads,
             inter_op_threads=args.tf_inter_op_threads,
             large_model=args.large_model,
@@ -269,5 +275,6 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         max_error_rate=args.max_error_rate,
         verbose=args.verbose,
         engine=args.engine,
+        batch_size=args.batch_size,
         compiled_cache=args.compiled_cache,
     )

@@ -22,7 +22,7 @@ from pipeline.embed_pipeline import build_pipeline
 from pipeline.engine import EngineError, default_cache, planned_engine, resolve_engine, verified_artifact
 from pipeline.fingerprint import model_fingerprint
 from pipeline.models import MODELS
-from pipeline.options import JobConfig, parse_args
+from pipeline.options import DEFAULT_BATCH, JobConfig, parse_args
 from pipeline.outputs import RUN_REPORT, OutputDirError, earlier_results, prepare_output_dir, summarize_outputs
 from pipeline.preflight import (
     IncrementalRunError,
@@ -52,8 +52,13 @@ PREFLIGHT_ERRORS = (ManifestError, OutputDirError, ModelCheckError, IncrementalR
 
 
 def choose_engine(config: JobConfig, options: PipelineOptions, registry) -> EmbedConfig:
-    """Checks the model and settles its engine. A model compiled and verified by an earlier job needs no
-    TensorFlow in the launcher: only its file fingerprint and one LiteRT probe batch."""
+    """Checks the model and settles its engine and batch size. A model compiled and verified by an earlier job
+    needs no TensorFlow in the launcher: only its file fingerprint and one LiteRT probe batch."""
+    embed = _settle_engine(config, options, registry)
+    return dataclasses.replace(embed, batch_size=config.batch_size or DEFAULT_BATCH[embed.engine])
+
+
+def _settle_engine(config: JobConfig, options: PipelineOptions, registry) -> EmbedConfig:
     check_handle(config.model.handle)
     fingerprint = model_fingerprint(config.model.handle)
     cache = config.compiled_cache or default_cache(options.view_as(GoogleCloudOptions).temp_location)

@@ -17,7 +17,7 @@ def test_help_documents_every_project_option():
                  "--http_timeout", "--http_retries", "--batch_size", "--tf_intra_op_threads",
                  "--tf_inter_op_threads", "--large_model", "--decode_threads", "--bfloat16", "--skip_existing",
                  "--force_full_run", "--max_error_rate", "--progress_interval", "--tfrecord_image_feature",
-                 "--tfrecord_id_feature"):
+                 "--tfrecord_id_feature", "--read_retries", "--verbose", "--engine", "--compiled_cache"):
         assert flag in text
     assert "Beam pipeline option" in text
 
