@@ -13,22 +13,17 @@ if handle=$(python -m pipeline.models available "$MODEL"); then
   handle_args=()
 else
   cat >&2 <<MSG
-
-##########################################################################################
-The TF Hub model for $MODEL cannot be reached from this machine (tfhub.dev / Kaggle did
-not answer within 5 seconds and it is not in TFHUB_CACHE_DIR). To show the pipeline
-working anyway, this run falls back to a STAND-IN: the same MobileNetV2-1.3 architecture
-with RANDOM weights. Its embeddings are NOT MEANINGFUL - do not use them for search.
-The output's Parquet metadata records this. It is built by
-  python -m pipeline.standin_models --model $MODEL --output .cache/standins
-which prints the --model_handle to pass. For real vectors, run where tfhub.dev is
-reachable, or put the model on disk or gs:// once (README: "Models without a route to
-the hub") and pass it: python -m pipeline.run --model_handle DIR.
-##########################################################################################
-
+NOTE: tfhub.dev cannot be reached from this machine, so this demo embeds with a STAND-IN for $MODEL:
+the same architecture with RANDOM weights (built by python -m pipeline.standin_models), so its vectors
+are NOT MEANINGFUL. For real ones, see "Models without a route to the hub" in README.md.
 MSG
-  handle=$(python -m pipeline.standin_models --model "$MODEL" --output .cache/standins)
+  log=$(mktemp)
+  if ! handle=$(python -m pipeline.standin_models --model "$MODEL" --output .cache/standins 2>"$log"); then
+    cat "$log" >&2
+    exit 1
+  fi
+  rm -f "$log"
   handle_args=(--model_handle "$handle")
 fi
 
-python -m pipeline.run --input 'samples/*' --output "$OUT" --model "$MODEL" "${handle_args[@]}" --overwrite "$@"
+python -m pipeline.run --input samples --output "$OUT" --model "$MODEL" "${handle_args[@]}" --overwrite "$@"

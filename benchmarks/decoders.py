@@ -32,6 +32,7 @@ from pipeline.fingerprint import model_fingerprint  # noqa: E402
 from pipeline.models import MODELS  # noqa: E402
 from pipeline.standin_models import cached_standin, load_calibration_images  # noqa: E402
 from transforms.decode import PreprocessConfig, decode_image  # noqa: E402
+from transforms.embed import EmbedConfig, HubEmbedder  # noqa: E402
 from transforms.litert_engine import LiteRTEmbedder  # noqa: E402
 
 SIZE = 224
@@ -98,7 +99,8 @@ def main() -> None:
     spec = MODELS["mobilenet_v2_130_224"]
     handle = cached_standin(spec, os.path.join(REPO, ".cache", "standins"),
                             load_calibration_images(os.path.join(REPO, "samples", "*"), spec))
-    embedder = LiteRTEmbedder(compile_litert(handle, SIZE, model_fingerprint(handle), default_cache(None)), SIZE,
+    reference = HubEmbedder(EmbedConfig(handle=handle, image_size=SIZE, dim=spec.dim))
+    embedder = LiteRTEmbedder(compile_litert(reference, SIZE, model_fingerprint(handle), default_cache(None)), SIZE,
                               spec.dim, threads=1)
     reference = np.stack([recipe(b) for b in blobs])
     reference_vectors = np.concatenate([embedder(reference[i:i + 32]) for i in range(0, len(reference), 32)])

@@ -32,6 +32,7 @@ from pipeline.fingerprint import model_fingerprint  # noqa: E402
 from pipeline.models import MODELS  # noqa: E402
 from pipeline.options import DEFAULT_BATCH  # noqa: E402
 from pipeline.standin_models import cached_standin, load_calibration_images  # noqa: E402
+from transforms.embed import EmbedConfig, HubEmbedder  # noqa: E402
 
 
 def engine_alone(engine: str, handle: str, compiled: str, spec, processes: int, seconds: float) -> dict:
@@ -66,7 +67,8 @@ def main() -> None:
     cores = os.cpu_count()
     handle = cached_standin(spec, os.path.join(REPO, ".cache", "standins"),
                             load_calibration_images(os.path.join(REPO, "samples", "*"), spec))
-    compiled = compile_litert(handle, spec.input_size, model_fingerprint(handle), default_cache(None))
+    compiled = compile_litert(HubEmbedder(EmbedConfig(handle=handle, image_size=spec.input_size, dim=spec.dim)),
+                              spec.input_size, model_fingerprint(handle), default_cache(None))
     count = args.images or (1600 if spec.input_size <= 224 else 160)
     paths = build_corpus(os.path.join(HERE, "results", "corpus"), count)
     work = os.path.join(HERE, "results", "work-engines")

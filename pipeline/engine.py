@@ -6,16 +6,16 @@ it with TensorFlow's converter (the uint8 -> [0, 1] cast inside the graph) and s
 every worker can read it, keyed by the model's content fingerprint, the input size and the converter
 version, so later runs reuse it. Before use, the artifact must give TensorFlow's vectors on probe images;
 if it cannot be converted or does not, `auto` falls back to TensorFlow with a note and `litert` fails.
+The TensorFlow model is loaded once, by the launcher's model check, and serves the conversion and the comparison.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import uuid
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
@@ -23,7 +23,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipeline.models import MODELS
 from pipeline.options import ENGINES
-from transforms.embed import EmbedConfig, HubEmbedder, import_tensorflow, load_embedder
+from transforms.embed import EmbedConfig, HubEmbedder, load_embedder
 
 # Max abs difference allowed between LiteRT's and TensorFlow's vectors, relative to the vectors' norm.
 # Measured on the stand-ins: 2e-5 absolute at norms of about 13 (1.7e-6 relative); 1e-4 leaves room for
@@ -88,22 +88,12 @@ def _record_verification(path: str, difference: float) -> None:
                             "probe_images": PROBE_IMAGES}).encode("utf-8"))
 
 
-def compile_litert(handle: str, image_size: int, fingerprint: str, cache: str) -> str:
-    """The LiteRT artifact for the model, converted now or reused from the cache."""
+def compile_litert(reference: HubEmbedder, image_size: int, fingerprint: str, cache: str) -> str:
+    """The LiteRT artifact of the loaded TensorFlow model, converted now or reused from the cache."""
     path = compiled_path(cache, fingerprint, image_size)
     if FileSystems.exists(path):
         return path
-    tf = import_tensorflow()
-    import tensorflow_hub as hub
-
-    module = hub.load(handle)
-
-    @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.uint8)])
-    def embed(pixels):
-        return module(tf.cast(pixels, tf.float32) / 255.0)
-
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([embed.get_concrete_function()], module)
-    artifact = converter.convert()
+    artifact = reference.to_litert()
     if not FileSystems.exists(cache):
         FileSystems.mkdirs(cache)
     temporary = FileSystems.join(cache, f".tmp-{uuid.uuid4().hex}")
@@ -129,10 +119,10 @@ def probe_images(image_size: int, count: int = PROBE_IMAGES) -> np.ndarray:
     return np.stack(images)
 
 
-def fidelity(compiled: EmbedConfig, reference: EmbedConfig) -> float:
+def fidelity(compiled: EmbedConfig, reference: HubEmbedder) -> float:
     """Max abs difference between the engines' vectors on the probe images, relative to their largest norm."""
     pixels = probe_images(compiled.image_size)
-    expected = HubEmbedder(reference)(pixels)
+    expected = reference(pixels)
     produced = load_embedder(compiled)(pixels)
     return float(np.abs(produced - expected).max() / max(np.linalg.norm(expected, axis=1).max(), 1e-12))
 
@@ -146,15 +136,16 @@ def describe(config: EmbedConfig) -> str:
     return f"tensorflow {version('tensorflow')}"
 
 
-@functools.lru_cache(maxsize=8)
-def resolve_engine(embed: EmbedConfig, requested: str, model_name: str, fingerprint: str,
-                   cache: str) -> tuple[EmbedConfig, Optional[str]]:
-    """The EmbedConfig with the engine to use, and a one-line note when `auto` had to choose otherwise."""
+def resolve_engine(embed: EmbedConfig, requested: str, model_name: str, fingerprint: str, cache: str,
+                   reference: Callable[[], HubEmbedder]) -> tuple[EmbedConfig, Optional[str]]:
+    """The EmbedConfig with the engine to use, and a one-line note when `auto` had to choose otherwise.
+
+    `reference` gives the model loaded in TensorFlow (loaded once by the launcher's check): LiteRT's
+    artifact is converted from it and compared with it.
+    """
     if requested not in ENGINES:
         raise EngineError(f"--engine {requested} is not one of {', '.join(ENGINES)}.")
-    engine = "litert" if requested == "auto" and planned_engine("auto", model_name, False) == "litert" else requested
-    engine = "tensorflow" if engine == "auto" else engine
-    if engine == "tensorflow":
+    if planned_engine(requested, model_name, bfloat16=False) == "tensorflow":
         return dataclasses.replace(embed, engine="tensorflow", compiled=None), None
     if embed.bfloat16:
         if requested == "litert":
@@ -162,9 +153,9 @@ def resolve_engine(embed: EmbedConfig, requested: str, model_name: str, fingerpr
                               "drop one of the two.")
         return dataclasses.replace(embed, engine="tensorflow"), "note: --bfloat16 runs on TensorFlow, not LiteRT."
     try:
-        path = compile_litert(embed.handle, embed.image_size, fingerprint, cache)
+        path = compile_litert(reference(), embed.image_size, fingerprint, cache)
         compiled = dataclasses.replace(embed, engine="litert", compiled=path)
-        difference = fidelity(compiled, embed)
+        difference = fidelity(compiled, reference())
         _record_verification(path, difference)
     except Exception as exc:
         problem = f"the model could not be converted for LiteRT ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"

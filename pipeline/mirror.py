@@ -34,7 +34,6 @@ def mirror_model(handle: str, destination: str) -> str:
                 FileSystems.create(target, compression_type=CompressionTypes.UNCOMPRESSED) as writer:
             while chunk := reader.read(_CHUNK):
                 writer.write(chunk)
-    model_fingerprint.cache_clear()
     copied = model_fingerprint(destination)
     if copied != expected:
         raise RuntimeError(f"The copy at {destination} has fingerprint {copied}, the source {expected}: copy again.")

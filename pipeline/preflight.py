@@ -71,8 +71,8 @@ def check_compiled(config: EmbedConfig) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def check_model(config: EmbedConfig, resizable: bool = True) -> None:
-    """Loads the model once in the launcher and embeds one grey image: [1, dim] or a clear error."""
+def check_model(config: EmbedConfig, resizable: bool = True) -> HubEmbedder:
+    """Loads the model in TensorFlow once per launcher and embeds one grey image: the loaded model, or a clear error."""
     handle = config.handle
     check_handle(handle)
     try:
@@ -93,6 +93,7 @@ def check_model(config: EmbedConfig, resizable: bool = True) -> None:
         embedder(np.full((1, side, side, 3), 128, np.uint8))
     except Exception as exc:
         raise ModelCheckError(f"Model handle {handle} is not a usable feature-vector model: {_first_sentence(exc)}") from None
+    return embedder
 
 
 def _first_sentence(exc: BaseException) -> str:

@@ -57,8 +57,7 @@ def print_summary(report: dict) -> None:
     if counts["inputs"] == 0:
         print(f"No inputs: --input {report['input']} has no rows or matches no files; the outputs are empty.")
     print(f"Embedded {plural(counts['embedded'], 'image')} ({report['model']}, dim {report['dim']}) into "
-          f"{output}/embeddings-*.parquet in {report['seconds']} s ({report['images_per_second']} images/s; "
-          f"{report['execution']}).")
+          f"{output}/embeddings-*.parquet in {report['seconds']} s ({report['images_per_second']} images/s).")
     if counts["skipped_existing"]:
         print(f"Skipped {plural(counts['skipped_existing'], 'input')} already embedded in {', '.join(report['skip_existing'])}.")
     if counts["errors"]:
@@ -67,6 +66,7 @@ def print_summary(report: dict) -> None:
         print(f"{plural(counts['errors'], 'input')} {verb} not embedded ({stages}): see {output}/errors-*.parquet")
     else:
         print("No errors.")
+    print(f"Ran on {report['execution']}.")
     print(f"Run report: {output}/{RUN_REPORT}")
     if report["weights"].startswith("STAND-IN"):
         print(f"WARNING: {STANDIN_WARNING}.")

@@ -67,8 +67,10 @@ def _settle_engine(config: JobConfig, options: PipelineOptions, registry) -> Emb
         if ready is not None:
             check_compiled(ready)
             return ready
-    check_model(config.embed, resizable=registry is None or registry.resizable)
-    embed, note = resolve_engine(config.embed, config.engine, config.model.name, fingerprint, cache)
+    resizable = registry is None or registry.resizable
+    check_model(config.embed, resizable)
+    embed, note = resolve_engine(config.embed, config.engine, config.model.name, fingerprint, cache,
+                                 reference=lambda: check_model(config.embed, resizable))
     if note:
         print(note, file=sys.stderr, flush=True)
     return embed

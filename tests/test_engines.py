@@ -14,10 +14,25 @@ import pytest
 
 from helpers import PHOTO_NAMES, REPO, assert_matches_direct_calls, encode, photo, read_embeddings, run_pipeline
 from pipeline.engine import EngineError, compile_litert, fidelity, resolve_engine
+from pipeline.models import MODELS
 from pipeline.fingerprint import model_fingerprint
 from transforms.decode import PreprocessConfig, decode_image
 from transforms.embed import EmbedConfig, HubEmbedder
 from transforms.litert_engine import LiteRTEmbedder
+
+MOBILENET, INCEPTION = MODELS["mobilenet_v2_130_224"], MODELS["inception_resnet_v2"]
+
+
+def _mobilenet(handle, **kwargs) -> EmbedConfig:
+    return EmbedConfig(handle=handle, image_size=MOBILENET.input_size, dim=MOBILENET.dim, **kwargs)
+
+
+def _compiled(config: EmbedConfig, cache) -> str:
+    return compile_litert(HubEmbedder(config), config.image_size, model_fingerprint(config.handle), str(cache))
+
+
+def _never_loaded():
+    raise AssertionError("this path must not need the TensorFlow model")
 
 
 def _photos(size):
@@ -30,7 +45,7 @@ def _photos(size):
 
 def _compare_engines(handle, size, dim, cache):
     config = EmbedConfig(handle=handle, image_size=size, dim=dim)
-    compiled = compile_litert(handle, size, model_fingerprint(handle), str(cache))
+    compiled = _compiled(config, cache)
     pixels = _photos(size)
     expected = HubEmbedder(config)(pixels)
     produced = LiteRTEmbedder(compiled, size, dim)(pixels)
@@ -76,11 +91,11 @@ def unconvertible_model(tmp_path_factory):
 
 
 def test_litert_equals_tensorflow_on_mobilenet(mobilenet_handle, tmp_path):
-    assert _compare_engines(mobilenet_handle, 224, 1664, tmp_path) < 1e-4
+    assert _compare_engines(mobilenet_handle, MOBILENET.input_size, MOBILENET.dim, tmp_path) < 1e-4
 
 
 def test_litert_equals_tensorflow_on_inception_resnet_v2(inception_handle, tmp_path):
-    assert _compare_engines(inception_handle, 299, 1536, tmp_path) < 1e-4
+    assert _compare_engines(inception_handle, INCEPTION.input_size, INCEPTION.dim, tmp_path) < 1e-4
 
 
 def test_litert_equals_tensorflow_on_a_custom_model(custom_model, tmp_path):
@@ -88,9 +103,9 @@ def test_litert_equals_tensorflow_on_a_custom_model(custom_model, tmp_path):
 
 
 def test_one_interpreter_per_thread_makes_concurrent_batches_safe(mobilenet_handle, tmp_path):
-    compiled = compile_litert(mobilenet_handle, 224, model_fingerprint(mobilenet_handle), str(tmp_path))
-    embedder = LiteRTEmbedder(compiled, 224, 1664, threads=1)
-    pixels = _photos(224)
+    compiled = _compiled(_mobilenet(mobilenet_handle), tmp_path)
+    embedder = LiteRTEmbedder(compiled, MOBILENET.input_size, MOBILENET.dim, threads=1)
+    pixels = _photos(MOBILENET.input_size)
     batches = [pixels[i % 5: i % 5 + 1 + i % 4] for i in range(16)]  # different sizes, interleaved
     expected = [embedder(batch) for batch in batches]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -100,16 +115,17 @@ def test_one_interpreter_per_thread_makes_concurrent_batches_safe(mobilenet_hand
 
 
 def test_a_litert_worker_never_imports_tensorflow(mobilenet_handle, tmp_path):
-    compiled = compile_litert(mobilenet_handle, 224, model_fingerprint(mobilenet_handle), str(tmp_path))
+    compiled = _compiled(_mobilenet(mobilenet_handle), tmp_path)
+    size, dim = MOBILENET.input_size, MOBILENET.dim
     script = (
         "import sys, numpy as np\n"
         "from transforms.embed import EmbedConfig, load_embedder\n"
-        f"config = EmbedConfig(handle='unused', image_size=224, dim=1664, engine='litert', compiled={compiled!r})\n"
-        "vectors = load_embedder(config)(np.zeros((2, 224, 224, 3), np.uint8))\n"
+        f"config = EmbedConfig(handle='unused', image_size={size}, dim={dim}, engine='litert', compiled={compiled!r})\n"
+        f"vectors = load_embedder(config)(np.zeros((2, {size}, {size}, 3), np.uint8))\n"
         "print(vectors.shape, 'tensorflow' in sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True)
-    assert result.stdout.strip() == "(2, 1664) False"
+    assert result.stdout.strip() == f"(2, {dim}) False"
 
 
 def test_auto_picks_the_registrys_engine_and_records_it(tmp_path, mobilenet_handle, inception_handle, custom_model):
@@ -148,13 +164,14 @@ def test_compiled_once_and_reused_by_later_runs_and_by_a_copy_of_the_model(tmp_p
                                   read_embeddings(str(tmp_path / "o2")).column("embedding").to_pylist())
 
 
-def test_an_unconvertible_model_falls_back_under_auto_and_fails_clearly_under_litert(tmp_path, unconvertible_model):
+def test_custom_models_run_on_tensorflow_under_auto_and_an_unconvertible_one_fails_clearly_under_litert(
+        tmp_path, unconvertible_model):
     config = EmbedConfig(handle=unconvertible_model, image_size=32, dim=3)
     fingerprint = model_fingerprint(unconvertible_model)
-    embed, note = resolve_engine(config, "auto", "custom", fingerprint, str(tmp_path))
-    assert embed.engine == "tensorflow" and note is None  # custom models run on TensorFlow under auto
+    embed, note = resolve_engine(config, "auto", "custom", fingerprint, str(tmp_path), _never_loaded)
+    assert embed.engine == "tensorflow" and note is None
     with pytest.raises(EngineError, match="--engine litert: the model could not be converted for LiteRT"):
-        resolve_engine(config, "litert", "custom", fingerprint, str(tmp_path))
+        resolve_engine(config, "litert", "custom", fingerprint, str(tmp_path), lambda: HubEmbedder(config))
 
 
 def test_auto_falls_back_with_a_note_when_conversion_fails(tmp_path, unconvertible_model, monkeypatch):
@@ -164,25 +181,27 @@ def test_auto_falls_back_with_a_note_when_conversion_fails(tmp_path, unconvertib
                             preferred_engine="litert")
     monkeypatch.setitem(models.MODELS, "strings", spec)
     config = EmbedConfig(handle=unconvertible_model, image_size=32, dim=3)
-    embed, note = resolve_engine(config, "auto", "strings", model_fingerprint(unconvertible_model), str(tmp_path))
+    embed, note = resolve_engine(config, "auto", "strings", model_fingerprint(unconvertible_model), str(tmp_path),
+                                 lambda: HubEmbedder(config))
     assert embed.engine == "tensorflow"
     assert note.startswith("note: the model could not be converted for LiteRT") and note.endswith("using TensorFlow.")
 
 
 def test_bfloat16_runs_on_tensorflow_and_says_so(tmp_path, mobilenet_handle):
-    config = EmbedConfig(handle=mobilenet_handle, image_size=224, dim=1664, bfloat16=True)
+    config = _mobilenet(mobilenet_handle, bfloat16=True)
     fingerprint = model_fingerprint(mobilenet_handle)
-    embed, note = resolve_engine(config, "auto", "mobilenet_v2_130_224", fingerprint, str(tmp_path))
+    embed, note = resolve_engine(config, "auto", MOBILENET.name, fingerprint, str(tmp_path), _never_loaded)
     assert embed.engine == "tensorflow" and note == "note: --bfloat16 runs on TensorFlow, not LiteRT."
     with pytest.raises(EngineError, match="does not apply to --engine litert"):
-        resolve_engine(config, "litert", "mobilenet_v2_130_224", fingerprint, str(tmp_path))
+        resolve_engine(config, "litert", MOBILENET.name, fingerprint, str(tmp_path), _never_loaded)
 
 
 def test_the_launchers_fidelity_check_measures_the_difference(mobilenet_handle, tmp_path):
-    config = EmbedConfig(handle=mobilenet_handle, image_size=224, dim=1664)
-    embed, _ = resolve_engine(config, "litert", "mobilenet_v2_130_224", model_fingerprint(mobilenet_handle),
-                              str(tmp_path))
-    assert embed.engine == "litert" and 0 <= fidelity(embed, config) < 1e-4
+    config = _mobilenet(mobilenet_handle)
+    reference = HubEmbedder(config)
+    embed, _ = resolve_engine(config, "litert", MOBILENET.name, model_fingerprint(mobilenet_handle), str(tmp_path),
+                              lambda: reference)
+    assert embed.engine == "litert" and 0 <= fidelity(embed, reference) < 1e-4
 
 
 def test_a_later_job_starts_without_tensorflow_once_the_model_is_compiled_and_verified(tmp_path, mobilenet_handle):

@@ -17,6 +17,7 @@ import pytest
 from helpers import REPO, assert_matches_direct_calls, direct_vectors, encode, photo, read_embeddings, vectors_by_id
 from pipeline.index.__main__ import main as index_main
 from pipeline.index.store import IndexStore
+from pipeline.models import MODELS
 
 SOURCES = ("astronaut", "chelsea", "coffee", "rocket", "retina", "motorcycle_left", "hubble_deep_field", "horse")
 
@@ -104,7 +105,7 @@ def test_changed_uris_are_embedded_again_and_removed_ids_leave_the_view(tmp_path
     view = vectors_by_id(table)
     assert sorted(view) == sorted(i for i, _ in night2)
     assert dict(zip(table.column("id").to_pylist(), table.column("uri").to_pylist())) == dict(night2)
-    direct = direct_vectors(mobilenet_handle, list(changed.values()), 224)
+    direct = direct_vectors(mobilenet_handle, list(changed.values()), MODELS["mobilenet_v2_130_224"].input_size)
     assert_matches_direct_calls({changed[i]: view[i] for i in changed}, direct)
     state = status(root, capsys)
     assert (state["live_ids"], state["removed_ids"], state["superseded_vectors"]) == (8, 4, 3 + 4)

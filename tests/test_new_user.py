@@ -136,7 +136,7 @@ def test_progress_is_a_bar_redrawn_in_place_on_a_terminal():
         import time
         time.sleep(0.8)
     drawn = stream.getvalue()
-    assert "10/10" in drawn and "\r" in drawn or "\x1b[" in drawn
+    assert "10/10" in drawn and ("\r" in drawn or "\x1b[" in drawn)
     assert "progress:" not in drawn
 
 

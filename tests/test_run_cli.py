@@ -104,6 +104,7 @@ def test_run_local_script_embeds_the_samples_and_falls_back_loudly_when_the_hub_
                             text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "cannot be reached" in result.stderr and "NOT MEANINGFUL" in result.stderr
+    assert "python -m pipeline.standin_models" in result.stderr and "Models without a route to the hub" in result.stderr
     n_samples = len(os.listdir(SAMPLES))
     assert f"Embedded {n_samples} images (mobilenet_v2_130_224, dim 1664)" in result.stdout
     assert "No errors." in result.stdout and "NOT meaningful" in result.stdout

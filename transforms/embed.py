@@ -146,6 +146,12 @@ class HubEmbedder:
         self._embed = embed
         self._environment_errors = tuple(getattr(tf.errors, name) for name in _ENVIRONMENT_ERRORS)
 
+    def to_litert(self) -> bytes:
+        """The traced uint8 call (cast to [0, 1] included) converted to a LiteRT flatbuffer."""
+        tf = import_tensorflow()
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([self._embed.get_concrete_function()], self._module)
+        return converter.convert()
+
     def accepted_input_sizes(self) -> set:
         """(height, width) pairs the model's traced call signatures accept; None means any. Empty: unknown."""
         sizes = set()
