@@ -121,7 +121,7 @@ def test_http_downloads_overlap_even_with_one_decode_thread(web):
     outputs = [out for ref in refs for out in fn.process(ref, window.GlobalWindow(), 0)] + list(fn.finish_bundle())
     fn.teardown()
     assert len(outputs) == 12 and [o.value.id for o in outputs] == [r.id for r in refs]
-    assert web.max_in_flight >= 4  # downloads waited on the server together, not one after another
+    assert web.max_in_flight >= 8  # the 12 downloads waited on the server together (measured: 11-12)
 
 
 # --- threads, windows ------------------------------------------------------------------------------------------
