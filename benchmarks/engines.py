@@ -6,8 +6,11 @@ For the model's stand-in (same architecture and compute as the hub model): Tenso
 (1 process x 1 thread, and one process per core), each in fresh processes, with start-up and peak RSS;
 decode + resize alone on one core; then the pipeline on DirectRunner at its default setting with
 `--engine tensorflow` and `--engine auto`, measured as the marginal rate between a 16-image and the full
-run, so fixed start-up is reported apart. The combined limit is cores / (model time + decode time per
-image), from this run's own measurements of the fastest engine and the decoder alone.
+run, so fixed start-up is reported apart. The pipelines run `--repeats` times in alternating order and
+the medians count: one pair of runs swings by tens of percent on a machine that drifts.
+The combined limit is cores / (model time + decode time per image), from this run's own measurements
+of the fastest engine and the decoder alone (decode measured before and after the pipelines, averaged);
+the same formula with each engine gives the best end-to-end ratio this machine allows.
 Writes benchmarks/results/engines-MODEL.json.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -62,6 +66,8 @@ def main() -> None:
     parser.add_argument("--model", default="mobilenet_v2_130_224", choices=sorted(MODELS))
     parser.add_argument("--images", type=int)
     parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--copies", type=int, default=2, help="times each corpus image is listed in the full run")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     spec = MODELS[args.model]
     cores = os.cpu_count()
@@ -74,14 +80,15 @@ def main() -> None:
     work = os.path.join(HERE, "results", "work-engines")
     os.makedirs(work, exist_ok=True)
     small = write_manifest(os.path.join(work, "small.csv"), paths[:SMALL_RUN])
-    full = write_manifest(os.path.join(work, "full.csv"), paths)
+    full = write_manifest(os.path.join(work, "full.csv"), paths, copies=args.copies)
+    listed = count * args.copies
 
     print(f"{spec.name}: engines alone ...", flush=True)
     alone = [engine_alone(engine, handle, compiled if engine == "litert" else None, spec, processes, args.seconds)
              for processes in (1, cores) for engine in ("tensorflow", "litert")]
     print("decode + resize alone, one core ...", flush=True)
-    decode = decode_rate(paths, spec.input_size)
-    print(f"  {decode:.1f} img/s", flush=True)
+    decode_before = decode_rate(paths, spec.input_size)
+    print(f"  {decode_before:.1f} img/s", flush=True)
 
     def pipeline(engine):
         def run(manifest, out):
@@ -90,23 +97,38 @@ def main() -> None:
                           "--progress_interval", "0"])
         return run
 
-    end_to_end = {}
-    for engine in ("tensorflow", "auto"):
-        print(f"pipeline end to end, --engine {engine} ...", flush=True)
-        end_to_end[engine] = marginal_rate(pipeline(engine), small, full, count, os.path.join(work, engine))
-        print(f"  {end_to_end[engine]}", flush=True)
+    runs = {"tensorflow": [], "auto": []}
+    for repeat in range(args.repeats):
+        for engine in ("tensorflow", "auto") if repeat % 2 == 0 else ("auto", "tensorflow"):
+            print(f"pipeline end to end, --engine {engine}, run {repeat + 1} of {args.repeats} ...", flush=True)
+            runs[engine].append(marginal_rate(pipeline(engine), small, full, listed, os.path.join(work, engine)))
+            print(f"  {runs[engine][-1]}", flush=True)
+    end_to_end = {engine: {key: statistics.median(run[key] for run in results) for key in results[0]}
+                  for engine, results in runs.items()}
+    print("decode + resize alone again ...", flush=True)
+    decode_after = decode_rate(paths, spec.input_size)
+    decode = (decode_before + decode_after) / 2
+    print(f"  {decode_after:.1f} img/s", flush=True)
+
+    def limit(engine):
+        one_process = next(a for a in alone if a["processes"] == 1 and a["engine"] == engine)
+        return cores / (1 / one_process["images_per_s"] + 1 / decode)
 
     fastest = max((a for a in alone if a["processes"] == 1), key=lambda a: a["images_per_s"])
-    limit = cores / (1 / fastest["images_per_s"] + 1 / decode)
+    best = limit(fastest["engine"])
     summary = {
-        "model": spec.name, "cores": cores, "images": count, "engines_alone": alone, "decode_images_per_s": decode,
-        "fastest_engine_alone": fastest["engine"], "combined_limit_images_per_s": round(limit, 1),
-        "end_to_end": end_to_end,
+        "model": spec.name, "cores": cores, "images": listed, "engines_alone": alone,
+        "decode_images_per_s": round(decode, 1), "decode_before_after": [round(decode_before, 1), round(decode_after, 1)],
+        "fastest_engine_alone": fastest["engine"], "combined_limit_images_per_s": round(best, 1),
+        "limit_ratio_litert_vs_tensorflow": round(limit("litert") / limit("tensorflow"), 2),
+        "end_to_end_runs": runs, "end_to_end_median": end_to_end,
+        "auto_vs_tensorflow_each_run": [round(a["images_per_s"] / t["images_per_s"], 2)
+                                        for a, t in zip(runs["auto"], runs["tensorflow"])],
         "auto_vs_tensorflow": round(end_to_end["auto"]["images_per_s"] / end_to_end["tensorflow"]["images_per_s"], 2),
-        "auto_vs_limit": round(end_to_end["auto"]["images_per_s"] / limit, 2),
+        "auto_vs_limit": round(end_to_end["auto"]["images_per_s"] / best, 2),
         "startup_ratio": round(end_to_end["auto"]["startup_s"] / max(end_to_end["tensorflow"]["startup_s"], 1e-9), 2),
     }
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("engines_alone", "end_to_end")}, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("engines_alone", "end_to_end_runs")}, indent=2))
     with open(os.path.join(HERE, "results", f"engines-{spec.name}.json"), "w") as f:
         json.dump(summary, f, indent=2)
 
