@@ -22,6 +22,10 @@ TEST = [
     "polars==2.1.0",
 ]
 
+# python -m pipeline.search: faiss for the nearest-neighbour index (chosen over ScaNN by measurement, README
+# "Search"). An extra, since embedding does not need it and Dataflow workers need not install it.
+SEARCH = ["faiss-cpu==1.15.1"]
+
 setuptools.setup(
     name="beam-image-embeddings",
     version="0.1.0",
@@ -29,5 +33,5 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["pipeline", "pipeline.*", "transforms", "transforms.*"]),
     python_requires=">=3.10,<3.13",
     install_requires=REQUIRED,
-    extras_require={"test": TEST},
+    extras_require={"test": TEST, "search": SEARCH},
 )

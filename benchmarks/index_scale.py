@@ -54,6 +54,7 @@ def build_index(root: str, nights: int, per_night: int) -> tuple[IndexStore, dic
         os.makedirs(store.run_dir(run))
         vectors = rng.standard_normal((len(batch), MODEL.dim), dtype=np.float32)
         table = pa.Table.from_arrays([pa.array(batch, pa.string()), pa.array([live[i] for i in batch], pa.string()),
+                                      pa.array([None] * len(batch), pa.string()),
                                       pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), MODEL.dim)],
                                      schema=schema)
         pq.write_table(table, os.path.join(store.run_dir(run), "embeddings-00000-of-00001.parquet"))

@@ -14,6 +14,10 @@ import urllib.parse
 from typing import Optional
 
 
+# Near-duplicate threshold of the hub's ImageNet feature vectors (README "Search": how it was chosen).
+DEFAULT_DUPLICATE_THRESHOLD = 0.95
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """What the pipeline needs to know about a feature-vector model.
@@ -29,6 +33,7 @@ class ModelSpec:
     dim: int
     resizable: bool = False
     preferred_engine: str = "tensorflow"  # the CPU engine measured fastest for it (benchmarks/engines.py)
+    duplicate_threshold: float = DEFAULT_DUPLICATE_THRESHOLD  # cosine similarity of near-duplicates
     standin_architecture: Optional[str] = None
     standin_kwargs: tuple = ()
 
@@ -109,6 +114,12 @@ def resolve_model(
     if spec.dim < 1:
         raise ModelConfigError(f"--embedding_dim must be positive, got {spec.dim}.")
     return spec
+
+
+def duplicate_threshold(model_name: str) -> float:
+    """The registry's near-duplicate threshold for a model; custom models get the hub models' default."""
+    spec = MODELS.get(model_name)
+    return spec.duplicate_threshold if spec else DEFAULT_DUPLICATE_THRESHOLD
 
 
 def is_remote_hub_handle(handle: str) -> bool:

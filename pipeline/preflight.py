@@ -5,7 +5,9 @@ Each failure says what is wrong and what to do, so a mistake costs seconds, not 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import os
 from typing import Optional
 
@@ -116,6 +118,7 @@ def output_metadata(config: JobConfig) -> dict[str, str]:
         "image_size": str(config.model.input_size),
         "dim": str(config.model.dim),
         "preprocessing": config.preprocess.describe(),
+        "preprocess": json.dumps(dataclasses.asdict(config.preprocess)),  # the fields, for search queries
         "precision": config.embed.precision(),
         "engine": describe_engine(config.embed),
         "weights": f"STAND-IN: {STANDIN_WARNING}" if standin else "as published at the handle",

@@ -4,6 +4,7 @@ Each embedding must equal what calling the model directly on the same preprocess
 """
 
 import glob
+import hashlib
 import os
 
 import numpy as np
@@ -76,6 +77,7 @@ def test_embeddings_schema_and_metadata(mobilenet_job):
     assert schema.remove_metadata() == pa.schema([
         pa.field("id", pa.string(), nullable=False),
         pa.field("uri", pa.string()),
+        pa.field("sha256", pa.string()),
         pa.field("embedding", pa.list_(pa.float32(), MOBILENET.dim)),
     ])
     metadata = {k.decode(): v.decode() for k, v in pq.read_metadata(files[0]).metadata.items()}
@@ -85,6 +87,13 @@ def test_embeddings_schema_and_metadata(mobilenet_job):
     assert metadata["embedding.dim"] == str(MOBILENET.dim)
     assert "stretch to 224x224" in metadata["embedding.preprocessing"]
     assert metadata["embedding.weights"].startswith("STAND-IN") and "NOT meaningful" in metadata["embedding.weights"]
+
+
+def test_sha256_column_is_the_digest_of_each_input_file(mobilenet_job):
+    rows = read_embeddings(mobilenet_job["out"]).select(["uri", "sha256"]).to_pylist()
+    for row in rows:
+        with open(row["uri"], "rb") as f:
+            assert row["sha256"] == hashlib.sha256(f.read()).hexdigest()
 
 
 def test_errors_schema(mobilenet_job):

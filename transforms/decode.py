@@ -10,6 +10,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import gc
+import hashlib
 import io
 import threading
 from typing import Union
@@ -203,7 +204,7 @@ def decode_read_bytes(ref: ImageRef, data: bytes, preprocess: PreprocessConfig) 
     """Decoded pixels or a decode Failure; an image that keeps exhausting memory is reported, not retried forever."""
     for attempt in range(1, MEMORY_ATTEMPTS + 1):
         try:
-            return DecodedImage(ref.id, ref.uri, decode_image(data, preprocess))
+            return DecodedImage(ref.id, ref.uri, decode_image(data, preprocess), hashlib.sha256(data).hexdigest())
         except ImageDecodeError as exc:
             return Failure(ref.id, ref.uri, Stage.DECODE, str(exc))
         except MemoryError:

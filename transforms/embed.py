@@ -74,6 +74,7 @@ class Embedding(NamedTuple):
     id: str
     uri: str
     vector: np.ndarray  # float32 [dim]
+    sha256: Optional[str] = None  # of the encoded bytes
 
 
 class ModelOutputError(RuntimeError):
@@ -207,13 +208,13 @@ class HubModelHandler(ModelHandler[DecodedImage, Union[Embedding, Failure], obje
         except Exception:  # MemoryError included: a smaller call may fit
             # One bad image must not take its batch down: retry image by image, report only failures.
             return [self._embed_alone(image, model) for image in batch]
-        return [Embedding(image.id, image.uri, vector) for image, vector in zip(batch, vectors)]
+        return [Embedding(image.id, image.uri, vector, image.sha256) for image, vector in zip(batch, vectors)]
 
     @staticmethod
     def _embed_alone(image: DecodedImage, model: HubEmbedder) -> Union[Embedding, Failure]:
         for attempt in range(1, MEMORY_ATTEMPTS + 1):
             try:
-                return Embedding(image.id, image.uri, model(image.pixels[np.newaxis])[0])
+                return Embedding(image.id, image.uri, model(image.pixels[np.newaxis])[0], image.sha256)
             except (ModelOutputError, ModelEnvironmentError):
                 raise
             except MemoryError:

@@ -36,6 +36,7 @@ class DecodedImage(NamedTuple):
     id: str
     uri: str
     pixels: np.ndarray
+    sha256: Optional[str] = None  # hex digest of the encoded bytes: finds byte-identical inputs
 
 
 class Failure(NamedTuple):

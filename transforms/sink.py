@@ -1,7 +1,7 @@
 """Sink: Parquet files of embeddings and of failures, with the model and preprocessing in the metadata.
 
-    OUT_DIR/embeddings-SSSSS-of-NNNNN.parquet   id string not null, uri string,
-                                                embedding fixed_size_list<float32>[dim]
+    OUT_DIR/embeddings-SSSSS-of-NNNNN.parquet   id string not null, uri string, sha256 string
+                                                (of the encoded bytes), embedding fixed_size_list<float32>[dim]
     OUT_DIR/errors-SSSSS-of-NNNNN.parquet       id, uri, stage, error (all strings)
 
 Rows are converted to Arrow in batches (one numpy concatenate per batch, no per-float Python work)
@@ -38,6 +38,7 @@ def embeddings_schema(dim: int, metadata: Mapping[str, str]) -> pa.Schema:
         [
             pa.field("id", pa.string(), nullable=False),
             pa.field("uri", pa.string()),
+            pa.field("sha256", pa.string()),
             pa.field("embedding", pa.list_(pa.float32(), dim)),
         ],
         metadata={f"{METADATA_PREFIX}{key}": str(value) for key, value in metadata.items()},
@@ -63,6 +64,7 @@ def embeddings_table(rows: Sequence[Embedding], schema: pa.Schema) -> pa.Table:
         [
             pa.array([row.id for row in rows], pa.string()),
             pa.array([row.uri for row in rows], pa.string()),
+            pa.array([row.sha256 for row in rows], pa.string()),
             pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), dim),
         ],
         schema=schema,

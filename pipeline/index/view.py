@@ -48,12 +48,29 @@ class IndexStatus:
     leftovers: tuple
 
 
+def vector_files(store: IndexStore, entries: Sequence[LogEntry]) -> list[tuple]:
+    """(seq, path) of every committed embeddings file, oldest run first."""
+    return [(run.seq, path) for run in store.committed_runs(list(entries)) for path in store.run_files(run)]
+
+
+def _live_and_vectors(store: IndexStore, entries: Sequence[LogEntry]) -> tuple[pa.Table, pa.Table]:
+    last = store.latest_update(list(entries))
+    live = _pairs_table([(0, path) for path in store.live_files(last)]) if last else _pairs_table([])
+    return live, _pairs_table(vector_files(store, entries))
+
+
+def current_rows(store: IndexStore, entries: Sequence[LogEntry]) -> pa.Table:
+    """(id, uri, seq) of the current view: each live (id, uri) with the run seq of its latest vector."""
+    live, vectors = _live_and_vectors(store, entries)
+    latest = vectors.group_by(["id", "uri"]).aggregate([("seq", "max")]).rename_columns(["id", "uri", "seq"])
+    return live.select(["id", "uri"]).join(latest, ["id", "uri"], join_type="inner")
+
+
 def index_status(store: IndexStore) -> IndexStatus:
     entries = store.log()
     runs = store.committed_runs(entries)
     last = store.latest_update(entries)
-    live = _pairs_table([(0, path) for path in store.live_files(last)]) if last else _pairs_table([])
-    vectors = _pairs_table([(run.seq, path) for run in runs for path in store.run_files(run)])
+    live, vectors = _live_and_vectors(store, entries)
     current = live.select(["id", "uri"]).join(vectors.group_by(["id", "uri"]).aggregate([]), ["id", "uri"],
                                               join_type="inner")
     vector_ids = vectors.group_by(["id"]).aggregate([])
@@ -72,7 +89,7 @@ def index_status(store: IndexStore) -> IndexStatus:
 
 
 def _read_vectors(task: tuple) -> Iterator[tuple]:
-    """(seq, path) -> (id, (seq, uri, vector)) for every row of a committed embeddings file."""
+    """(seq, path) -> (id, (seq, uri, vector, sha256)) for every row of a committed embeddings file."""
     import pyarrow.parquet as pq
 
     seq, path = task
@@ -81,8 +98,11 @@ def _read_vectors(task: tuple) -> Iterator[tuple]:
         dim = parquet.schema_arrow.field("embedding").type.list_size
         for batch in parquet.iter_batches(batch_size=1024):
             matrix = batch.column("embedding").flatten().to_numpy().reshape(-1, dim)
-            for id_, uri, vector in zip(batch.column("id").to_pylist(), batch.column("uri").to_pylist(), matrix):
-                yield id_, (seq, uri, vector.copy())
+            names = batch.schema.names
+            digests = batch.column("sha256").to_pylist() if "sha256" in names else [None] * batch.num_rows
+            for id_, uri, vector, digest in zip(batch.column("id").to_pylist(), batch.column("uri").to_pylist(),
+                                                matrix, digests):
+                yield id_, (seq, uri, vector.copy(), digest)
 
 
 def _current(id_and_groups) -> list:
@@ -90,8 +110,12 @@ def _current(id_and_groups) -> list:
     id_, groups = id_and_groups
     live = list(groups["live"])
     uri = live[0][1] if live else None
-    matching = [(seq, vector) for seq, vector_uri, vector in groups["vectors"] if uri is not None and vector_uri == uri]
-    return [Embedding(id_, uri, max(matching, key=lambda pair: pair[0])[1])] if matching else []
+    matching = [(seq, vector, digest) for seq, vector_uri, vector, digest in groups["vectors"]
+                if uri is not None and vector_uri == uri]
+    if not matching:
+        return []
+    _, vector, digest = max(matching, key=lambda found: found[0])
+    return [Embedding(id_, uri, vector, digest)]
 
 
 def run_metadata(store: IndexStore, run: LogEntry) -> dict[str, str]:
@@ -112,7 +136,7 @@ class WriteSnapshot(beam.PTransform):
         last = store.latest_update(list(entries))
         runs = store.committed_runs(list(entries))
         self._live = [(0, path) for path in store.live_files(last)]
-        self._vectors = [(run.seq, path) for run in runs for path in store.run_files(run)]
+        self._vectors = vector_files(store, entries)
         self._metadata = run_metadata(store, runs[-1])
         self._output_dir = output_dir
 

@@ -1,0 +1,138 @@
+"""What a search index is built from: a run's or snapshot's embeddings files, or an index ROOT's current view.
+
+Read in batches of rows, so that building holds the search index and one batch, never a second copy of
+every vector. Files of different models or preprocessing are refused, as are ids listed twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline.preflight import metadata_differences
+from transforms.sink import METADATA_PREFIX
+
+BATCH_ROWS = 8192
+
+
+class CollectionError(ValueError):
+    """The embeddings to index cannot be used as given; the message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    ids: list
+    uris: list
+    sha256: list  # None where the run predates the column
+    vectors: np.ndarray  # float32 [rows, dim], as the model gave them
+
+
+@dataclasses.dataclass(frozen=True)
+class Collection:
+    """Embeddings files that hold the vectors of one model, with the rows to keep from each."""
+
+    described: str  # where the vectors came from, for the manifest and messages
+    files: tuple  # Parquet paths
+    metadata: dict  # the embedding.* metadata they share
+    count: int
+    keep: Optional[pa.Table] = None  # (id, uri, seq) of an index's current view; None keeps every row
+    seqs: tuple = ()  # run seq of each file, with `keep`
+
+    @property
+    def dim(self) -> int:
+        return int(self.metadata["dim"])
+
+    def batches(self, rows: int = BATCH_ROWS) -> Iterator[Batch]:
+        """Every kept row once, in a fixed order (file by file), `rows` at a time at most."""
+        import pyarrow.parquet as pq
+
+        for position, path in enumerate(self.files):
+            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                parquet = pq.ParquetFile(f)
+                columns = [c for c in ("id", "uri", "sha256", "embedding") if c in parquet.schema_arrow.names]
+                for record_batch in parquet.iter_batches(batch_size=rows, columns=columns):
+                    table = pa.Table.from_batches([record_batch])
+                    if self.keep is not None:
+                        table = _kept(table, self.keep, self.seqs[position])
+                    if table.num_rows:
+                        yield _to_batch(table, self.dim)
+
+
+def _kept(table: pa.Table, keep: pa.Table, seq: int) -> pa.Table:
+    """The rows of `table` (from run `seq`) that are in the current view, in file order."""
+    keys = table.select(["id", "uri"]).append_column("row", pa.array(np.arange(table.num_rows)))
+    keys = keys.append_column("seq", pa.array(np.full(table.num_rows, seq, np.int64)))
+    rows = keys.join(keep, ["id", "uri", "seq"], join_type="inner").column("row")
+    return table.take(np.sort(rows.to_numpy()))
+
+
+def _to_batch(table: pa.Table, dim: int) -> Batch:
+    vectors = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    sha = table.column("sha256").to_pylist() if "sha256" in table.column_names else [None] * table.num_rows
+    return Batch(table.column("id").to_pylist(), table.column("uri").to_pylist(), sha,
+                 vectors.reshape(-1, dim).astype(np.float32, copy=False))
+
+
+def _embedding_metadata(schema: pa.Schema) -> dict:
+    return {k.decode()[len(METADATA_PREFIX):]: v.decode() for k, v in (schema.metadata or {}).items()
+            if k.decode().startswith(METADATA_PREFIX)}
+
+
+def _read_footers(files: list) -> tuple[dict, int]:
+    """The shared metadata and the total row count; refuses files whose vectors are not comparable."""
+    import pyarrow.parquet as pq
+
+    metadata, first, count = None, None, 0
+    for path in files:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            parquet = pq.ParquetFile(f)
+            count += parquet.metadata.num_rows
+            this = _embedding_metadata(parquet.schema_arrow)
+        if "embedding" not in parquet.schema_arrow.names or "dim" not in this:
+            raise CollectionError(f"{path} is not an embeddings file of this pipeline (no embedding column or "
+                                  f"embedding.dim metadata).")
+        if metadata is None:
+            metadata, first = this, path
+        elif metadata_differences(metadata, this):
+            raise CollectionError(
+                f"{first} and {path} hold vectors of different models or preprocessing "
+                f"({'; '.join(metadata_differences(metadata, this))}); an index holds one model. Build from one "
+                f"model's files.")
+    return metadata, count
+
+
+def from_files(pattern: str) -> Collection:
+    """Embeddings files matching `pattern` (a run's OUT/embeddings-*.parquet, a snapshot, or several runs)."""
+    if FileSystems.exists(pattern) and not pattern.endswith(".parquet"):
+        raise CollectionError(f"--embeddings {pattern} is a folder: pass its files, e.g. "
+                              f"--embeddings '{FileSystems.join(pattern, 'embeddings-*.parquet')}'.")
+    files = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+    if not files:
+        raise CollectionError(f"--embeddings {pattern} matches no files.")
+    metadata, count = _read_footers(files)
+    return Collection(described=pattern, files=tuple(files), metadata=metadata, count=count)
+
+
+def from_index(root: str) -> Collection:
+    """The current view of an index ROOT (pipeline.index): each live id's latest vector."""
+    from pipeline.index.store import IndexStore
+    from pipeline.index.view import current_rows, vector_files
+
+    store = IndexStore(root.rstrip("/"))
+    if store.identity() is None:
+        raise CollectionError(f"--index {root} is not an index made by python -m pipeline.index update.")
+    entries = store.log()
+    keep = current_rows(store, entries)
+    if not keep.num_rows:
+        raise CollectionError(f"The index at {root} has no embedded images yet; run pipeline.index update first.")
+    files = vector_files(store, entries)
+    needed = set(keep.column("seq").to_pylist())
+    files = [(seq, path) for seq, path in files if seq in needed]
+    metadata, _ = _read_footers([path for _, path in files])
+    return Collection(described=f"index {root}", files=tuple(p for _, p in files), metadata=metadata,
+                      count=keep.num_rows, keep=keep, seqs=tuple(seq for seq, _ in files))

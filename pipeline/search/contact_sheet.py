@@ -1,0 +1,91 @@
+"""Contact sheets: one row of thumbnails per query or duplicate group, with a caption under each.
+
+Thumbnails are read from the images' URIs through the pipeline's reader (local, gs://, http...), many
+at once; an image that cannot be read or decoded gets a grey tile that says so, never a missing row.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import io
+from typing import Optional, Sequence
+
+from transforms.uri_reader import ReadConfig, read_uri
+
+THUMB = 128  # the square each thumbnail is fitted into
+PAD = 8
+LINE = 12
+CAPTION_LINES = 2
+BACKGROUND = (255, 255, 255)
+UNREADABLE = (160, 160, 160)
+READ_THREADS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    uri: Optional[str]  # None: nothing to show (an unknown id)
+    caption: tuple  # lines under the thumbnail
+
+
+def tile_box(row: int, column: int) -> tuple:
+    """(left, top, right, bottom) of the thumbnail square of a tile."""
+    left = PAD + column * (THUMB + PAD)
+    top = PAD + row * (THUMB + CAPTION_LINES * LINE + 2 * PAD)
+    return left, top, left + THUMB, top + THUMB
+
+
+def _thumbnail(uri: Optional[str], read: ReadConfig):
+    """The image fitted into THUMB x THUMB (aspect kept), or None when it cannot be read or decoded."""
+    from PIL import Image, ImageOps
+
+    if uri is None:
+        return None
+    try:
+        with Image.open(io.BytesIO(read_uri(uri, read))) as image:
+            image.draft("RGB", (THUMB, THUMB))
+            upright = ImageOps.exif_transpose(image).convert("RGB")
+            upright.thumbnail((THUMB, THUMB), Image.Resampling.BICUBIC)
+            return upright
+    except Exception:  # unreadable or undecodable: the tile says so
+        return None
+
+
+def _fit(draw, text: str, font, width: int) -> str:
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def draw_contact_sheet(rows: Sequence[Sequence[Tile]], path: str, read: ReadConfig = ReadConfig()) -> None:
+    """Writes a PNG at `path` (local or any Beam filesystem) with one row per entry of `rows`."""
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+    from PIL import Image, ImageDraw, ImageFont
+
+    columns = max((len(row) for row in rows), default=1)
+    width = tile_box(0, columns)[0]
+    height = tile_box(len(rows), 0)[1]
+    sheet = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    tiles = [(r, c, tile) for r, row in enumerate(rows) for c, tile in enumerate(row)]
+    with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
+        thumbnails = pool.map(lambda item: _thumbnail(item[2].uri, read), tiles)
+        for (r, c, tile), thumbnail in zip(tiles, thumbnails):
+            left, top, right, bottom = tile_box(r, c)
+            if thumbnail is None:
+                draw.rectangle((left, top, right - 1, bottom - 1), fill=UNREADABLE)
+                draw.text((left + 4, top + THUMB // 2 - LINE // 2), "unreadable" if tile.uri else "not found",
+                          fill=(0, 0, 0), font=font)
+            else:
+                sheet.paste(thumbnail, (left + (THUMB - thumbnail.width) // 2, top + (THUMB - thumbnail.height) // 2))
+            for line, text in enumerate(tile.caption[:CAPTION_LINES]):
+                draw.text((left, bottom + PAD // 2 + line * LINE), _fit(draw, str(text), font, THUMB),
+                          fill=(0, 0, 0), font=font)
+    buffer = io.BytesIO()
+    sheet.save(buffer, "PNG")
+    with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        f.write(buffer.getvalue())

@@ -1,0 +1,150 @@
+"""Query by image or by id: images are embedded exactly as the index's vectors were, then the nearest rows found.
+
+An image query goes through the pipeline's own reader and decoder with the preprocessing the embeddings
+recorded, and through the model whose content fingerprint the index recorded: another model is refused,
+since its vectors would not be comparable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Optional
+
+import numpy as np
+
+from pipeline.fingerprint import model_fingerprint
+from pipeline.search.store import SearchIndex
+from transforms.decode import RESIZE_MODES, PreprocessConfig, decode_read_bytes
+from transforms.records import Failure, ImageRef
+from transforms.uri_reader import ReadConfig, ReadError, read_uri
+
+QUERY_BATCH = 32
+
+
+class QueryRefused(ValueError):
+    """The query cannot be answered by this index as asked; the message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Hit:
+    query: str
+    rank: int  # 1 = nearest
+    id: str
+    uri: Optional[str]
+    similarity: float
+
+
+def recorded_preprocessing(model: dict) -> PreprocessConfig:
+    """The PreprocessConfig the indexed vectors were made with, from the embeddings' metadata."""
+    if "preprocess" in model:
+        fields = json.loads(model["preprocess"])
+        return PreprocessConfig(**{**fields, "background": tuple(fields["background"])})
+    size = int(model["image_size"])  # outputs written before the fields were recorded: match the description
+    for mode in RESIZE_MODES:
+        for truncated in (False, True):
+            candidate = PreprocessConfig(image_size=size, resize_mode=mode, allow_truncated=truncated)
+            if candidate.describe() == model.get("preprocessing"):
+                return candidate
+    raise QueryRefused(f"The index's vectors were made with preprocessing this version cannot repeat "
+                       f"({model.get('preprocessing')}); query by --id, or rebuild from a new run.")
+
+
+def load_query_model(model: dict, handle: Optional[str] = None):
+    """The index's model, loaded in TensorFlow; `handle` (a mirror) must hold the same files."""
+    from pipeline.preflight import check_model
+    from transforms.embed import EmbedConfig
+
+    handle = handle or model["handle"]
+    recorded = model.get("fingerprint")
+    if recorded:
+        try:
+            found = model_fingerprint(handle)
+        except Exception as exc:
+            raise QueryRefused(f"Cannot read the model at {handle} to check it is the index's model "
+                               f"({' '.join(str(exc).split())}); pass --model_handle with a copy of it.") from None
+        if found != recorded:
+            raise QueryRefused(
+                f"The model at {handle} is not the one this index was built with ({model.get('model')}, "
+                f"fingerprint {recorded[:19]}..., found {found[:19]}...): its vectors are not comparable. "
+                f"Query with that model (--model_handle a copy of {model['handle']}), or build an index of "
+                f"this model's embeddings.")
+    config = EmbedConfig(handle=handle, image_size=int(model["image_size"]), dim=int(model["dim"]),
+                         bfloat16=model.get("precision", "").startswith("bfloat16"))
+    return check_model(config)
+
+
+def embed_images(uris: list, model: dict, handle: Optional[str], read: ReadConfig = ReadConfig()):
+    """(vectors [n, dim] of the readable images, their uris, failures as (uri, reason)) in input order."""
+    preprocess = recorded_preprocessing(model)
+    pixels, kept, failures = [], [], []
+    for uri in uris:
+        try:
+            data = read_uri(uri, read)
+        except ReadError as exc:
+            failures.append((uri, str(exc)))
+            continue
+        decoded = decode_read_bytes(ImageRef(uri, uri), data, preprocess)
+        if isinstance(decoded, Failure):
+            failures.append((uri, decoded.error))
+        else:
+            pixels.append(decoded.pixels)
+            kept.append(uri)
+    if not pixels:
+        return np.zeros((0, int(model["dim"])), np.float32), kept, failures
+    embedder = load_query_model(model, handle)
+    vectors = np.concatenate([embedder(np.stack(pixels[i:i + QUERY_BATCH])) for i in range(0, len(pixels), QUERY_BATCH)])
+    return vectors, kept, failures
+
+
+def nearest(index: SearchIndex, vectors: np.ndarray, queries: list, k: int, own_rows: Optional[list] = None) -> list:
+    """The k nearest rows for each query vector; a query that is an indexed row gets itself first."""
+    ids, uris = index.items.column("id").to_pylist(), index.items.column("uri").to_pylist()
+    extra = 1 if own_rows else 0
+    similarities, rows = index.vectors.search(vectors, k + extra)
+    hits = []
+    for position, query in enumerate(queries):
+        ranked = [(float(s), int(r)) for s, r in zip(similarities[position], rows[position]) if r >= 0]
+        if own_rows:
+            own, vector = own_rows[position], vectors[position]  # a stored, normalised vector
+            ranked = [(float(vector @ vector), own)] + [pair for pair in ranked if pair[1] != own]
+        hits += [Hit(query, rank, ids[row], uris[row], similarity)
+                 for rank, (similarity, row) in enumerate(ranked[:k], start=1)]
+    return hits
+
+
+def query_by_ids(index: SearchIndex, ids: list, k: int) -> tuple[list, list]:
+    """(hits, failures) for queries by indexed id."""
+    rows = index.rows_of(ids)
+    unknown = [(id_, f"id {id_!r} is not in the index ({index.root}).") for id_, row in zip(ids, rows) if row is None]
+    known = [(id_, row) for id_, row in zip(ids, rows) if row is not None]
+    if not known:
+        return [], unknown
+    vectors = index.vectors.vectors([row for _, row in known])
+    return nearest(index, vectors, [id_ for id_, _ in known], k, own_rows=[row for _, row in known]), unknown
+
+
+def query_by_images(index: SearchIndex, uris: list, k: int, handle: Optional[str]) -> tuple[list, list]:
+    """(hits, failures) for queries by image path or URI."""
+    vectors, kept, failures = embed_images(uris, index.model, handle)
+    return (nearest(index, vectors, kept, k) if kept else []), failures
+
+
+def write_hits(hits: list, path: str) -> None:
+    """One row per hit: query, rank, id, uri, similarity; Parquet or JSON by the file's extension."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from apache_beam.io.filesystem import CompressionTypes
+    from apache_beam.io.filesystems import FileSystems
+
+    rows = [dataclasses.asdict(hit) for hit in hits]
+    if path.endswith(".json"):
+        data = json.dumps(rows, indent=1).encode()
+    else:
+        schema = pa.schema([("query", pa.string()), ("rank", pa.int32()), ("id", pa.string()), ("uri", pa.string()),
+                            ("similarity", pa.float32())])
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
+        data = sink.getvalue().to_pybytes()
+    with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        f.write(data)

@@ -1,0 +1,129 @@
+"""A search index folder: the vectors' index, the table of what each row is, and a manifest written last.
+
+    INDEX_DIR/vectors.faiss    the faiss index (row i = row i of items.parquet)
+    INDEX_DIR/items.parquet    row, id, uri, sha256
+    INDEX_DIR/search.json      model and preprocessing (as the embeddings recorded them), metric,
+                               index kind and parameters, source, counts; its presence marks a finished build
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from pipeline.search.collection import Collection, CollectionError
+from pipeline.search.vector_index import METRIC, VectorIndex, build, import_faiss
+
+MANIFEST, VECTORS, ITEMS = "search.json", "vectors.faiss", "items.parquet"
+FORMAT = 1
+ITEMS_SCHEMA = pa.schema([pa.field("row", pa.int64(), nullable=False), pa.field("id", pa.string(), nullable=False),
+                          pa.field("uri", pa.string()), pa.field("sha256", pa.string())])
+
+
+class SearchIndexError(ValueError):
+    """The search index folder is missing, unfinished, or cannot answer this request."""
+
+
+@dataclasses.dataclass
+class SearchIndex:
+    root: str
+    manifest: dict
+    items: pa.Table
+    vectors: VectorIndex
+
+    @property
+    def model(self) -> dict:
+        return self.manifest["model"]
+
+    def rows_of(self, ids: list) -> list:
+        """The row of each id, or None for ids not in the index."""
+        import pyarrow.compute as pc
+
+        return pc.index_in(pa.array(ids, pa.string()), value_set=self.items.column("id")).to_pylist()
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        f.write(data)
+
+
+def build_search_index(collection: Collection, root: str, kind: str, overwrite: bool,
+                       log: Callable[[str], None]) -> dict:
+    """Builds and writes the index of `collection` into `root`; returns the manifest."""
+    import pyarrow.parquet as pq
+
+    root = root.rstrip("/")
+    manifest_path = FileSystems.join(root, MANIFEST)
+    if FileSystems.exists(manifest_path) and not overwrite:
+        raise SearchIndexError(f"{root} already holds a search index; pass --overwrite to replace it, or another "
+                               f"--output.")
+    items = {}
+
+    def batches():
+        items.update(ids=[], uris=[], sha256=[])
+        seen = set()
+        for batch in collection.batches():
+            for id_ in batch.ids:
+                if id_ in seen:
+                    raise CollectionError(
+                        f"id {id_!r} appears more than once in {collection.described}: the files hold overlapping "
+                        f"runs. Build from one run, a snapshot (python -m pipeline.index snapshot), or --index ROOT.")
+                seen.add(id_)
+            items["ids"] += batch.ids
+            items["uris"] += batch.uris
+            items["sha256"] += batch.sha256
+            yield batch.vectors
+
+    index = build(batches, collection.count, collection.dim, kind, log=log)
+    if not FileSystems.exists(root):
+        FileSystems.mkdirs(root)
+    if FileSystems.exists(manifest_path):  # --overwrite: unfinished until the new manifest is written
+        FileSystems.delete([manifest_path])
+    index.save(FileSystems.join(root, VECTORS))
+    table = pa.table({"row": np.arange(len(items["ids"]), dtype=np.int64), "id": items["ids"],
+                      "uri": items["uris"], "sha256": items["sha256"]}, schema=ITEMS_SCHEMA)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    _write_bytes(FileSystems.join(root, ITEMS), sink.getvalue().to_pybytes())
+    manifest = {
+        "format": FORMAT,
+        "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": collection.described,
+        "count": index.count,
+        "dim": collection.dim,
+        "model": collection.metadata,
+        "metric": METRIC,
+        "vectors": "L2-normalised inside the search index only; the embeddings files keep the model's vectors",
+        "index": {"library": f"faiss-cpu {import_faiss().__version__}", "kind": index.kind, **index.params},
+        "with_sha256": sum(1 for s in items["sha256"] if s),
+    }
+    _write_bytes(manifest_path, json.dumps(manifest, indent=2).encode())
+    return manifest
+
+
+def open_search_index(root: str) -> SearchIndex:
+    import pyarrow.parquet as pq
+
+    root = root.rstrip("/")
+    manifest_path = FileSystems.join(root, MANIFEST)
+    if not FileSystems.exists(manifest_path):
+        what = "an unfinished build (rerun search build)" if FileSystems.exists(FileSystems.join(root, ITEMS)) else \
+            "no search index"
+        raise SearchIndexError(f"{root} holds {what}: no {MANIFEST}. Build one with python -m pipeline.search build.")
+    with FileSystems.open(manifest_path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        manifest = json.loads(f.read())
+    if manifest.get("format") != FORMAT:
+        raise SearchIndexError(f"{root} was written in search index format {manifest.get('format')}, this code reads "
+                               f"{FORMAT}: rebuild it with python -m pipeline.search build.")
+    with FileSystems.open(FileSystems.join(root, ITEMS), compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        items = pq.read_table(f)
+    params = {k: v for k, v in manifest["index"].items() if k not in ("library", "kind")}
+    vectors = VectorIndex.load(FileSystems.join(root, VECTORS), manifest["index"]["kind"], params)
+    return SearchIndex(root, manifest, items, vectors)
