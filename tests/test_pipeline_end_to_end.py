@@ -119,7 +119,7 @@ def test_output_reads_as_one_dataset_in_pandas_duckdb_polars_and_pyarrow(mobilen
     assert len(frame) == expected and len(frame.embedding.iloc[0]) == MOBILENET.dim
     counted = duckdb.sql(f"select count(*), min(len(embedding)) from read_parquet('{pattern}')").fetchall()
     assert counted == [(expected, MOBILENET.dim)]
-    assert pl.read_parquet(pattern).shape == (expected, 3)
+    assert pl.read_parquet(pattern).shape == (expected, 4)
     dataset = ds.dataset(sorted(glob.glob(pattern)), format="parquet")
     assert dataset.count_rows() == expected
 

@@ -234,13 +234,13 @@ def test_duplicates_contact_sheet_draws_each_group_as_a_row(corpus, tmp_path):
     assert [_drawn(_cell(sheet, row, 0), candidates) for row in range(3)] == sorted(firsts)
 
 
-def _synthetic_run(folder: str, count: int, dim: int = 32) -> np.ndarray:
+def _synthetic_run(folder: str, count: int, dim: int = 32, weights: str = "w") -> np.ndarray:
     """An embeddings file of clustered vectors, as a run of some model would write it."""
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((50, dim))
     vectors = (centres[rng.integers(0, 50, count)] + 0.3 * rng.standard_normal((count, dim))).astype(np.float32)
     metadata = {"model": "custom", "handle": "/models/x", "fingerprint": "sha256:x", "image_size": "64",
-                "dim": str(dim), "preprocessing": "p", "precision": "float32", "weights": "w"}
+                "dim": str(dim), "preprocessing": "p", "precision": "float32", "weights": weights}
     ids = [f"img{i:05d}" for i in range(count)]
     table = pa.Table.from_arrays([pa.array(ids), pa.array([f"gs://b/{i}.jpg" for i in ids]),
                                   pa.array([None] * count, pa.string()),
@@ -315,3 +315,29 @@ def test_build_from_an_index_root_uses_its_current_view(corpus, tmp_path):
     out = str(tmp_path / "hits.parquet")
     assert search(["query", "--index", index, "--id", str(images / "new.jpg"), "-k", "2", "--output", out]) == 0
     assert os.path.basename(pq.read_table(out).to_pylist()[1]["id"]) == "chelsea-a.jpg"
+
+
+def test_images_on_a_web_server_are_queried_and_drawn_through_the_pipelines_reader(corpus, tmp_path):
+    from servers import WebServer
+
+    server = WebServer(_resized_copy(corpus["tiles"]["rocket-b.jpg"], scale=0.7))
+    try:
+        out, sheet = str(tmp_path / "hits.json"), str(tmp_path / "sheet.png")
+        query = f"{server.url}/flaky.jpg"  # answers 503 twice first: retried like a pipeline read
+        assert search(["query", "--index", corpus["index"], "--image", query, "-k", "1", "--output", out,
+                       "--contact_sheet", sheet]) == 0
+        with open(out) as f:
+            assert json.load(f)[0]["id"] == _path(corpus, "rocket-b.jpg")
+        assert server.hits["/flaky.jpg"] == 4  # the query: two 503s, then the image; then the thumbnail
+        with Image.open(sheet) as image:
+            drawn = np.asarray(image.convert("RGB"))
+        assert np.abs(_cell(drawn, 0, 0) - _thumbnail(_path(corpus, "rocket-b.jpg"))).mean() < 8
+    finally:
+        server.close()
+
+
+def test_an_index_of_stand_in_vectors_says_its_similarities_mean_nothing(tmp_path, capsys):
+    _synthetic_run(str(tmp_path / "run"), 20, weights="STAND-IN: random weights")
+    assert search(["build", "--embeddings", str(tmp_path / "run" / "*.parquet"), "--output", str(tmp_path / "i")]) == 0
+    assert search(["query", "--index", str(tmp_path / "i"), "--id", "img00001"]) == 0
+    assert "random-weight stand-in model: similarities are NOT meaningful" in capsys.readouterr().err

@@ -69,6 +69,14 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _open(root: str):
+    """The search index at `root`, with a warning when its vectors come from a random-weight stand-in."""
+    index = open_search_index(root)
+    if index.model.get("weights", "").startswith("STAND-IN"):
+        _say("WARNING: this index holds vectors of a random-weight stand-in model: similarities are NOT meaningful.")
+    return index
+
+
 def build(args) -> int:
     started = time.perf_counter()
     collection = from_index(args.index) if args.index else from_files(args.embeddings)
@@ -99,7 +107,7 @@ def query(args, parser) -> int:
         parser.error("-k must be at least 1.")
     if args.output and not args.output.endswith(HIT_FORMATS):
         parser.error(f"--output {args.output}: name a .parquet or .json file.")
-    index = open_search_index(args.index)
+    index = _open(args.index)
     try:
         if args.image:
             hits, failures = query_by_images(index, args.image, args.k, args.model_handle)
@@ -115,13 +123,12 @@ def query(args, parser) -> int:
         write_hits(hits, args.output)
         _say(f"{plural(len(hits), 'hit')} written to {args.output}.")
     if args.contact_sheet:
-        uris = dict(zip(index.items.column("id").to_pylist(), index.items.column("uri").to_pylist()))
         rows = {}
         for hit in hits:
             row = rows.setdefault(hit.query, [Tile(hit.query, ("query", hit.query))] if args.image else [])
             row.append(Tile(hit.uri, (hit.id, f"{hit.similarity:.4f}")))
         for query_, _ in failures:  # every query has its row, answered or not
-            rows[query_] = [Tile(uris.get(query_, query_) if args.image else None, ("not queried", query_))]
+            rows[query_] = [Tile(query_ if args.image else None, ("not queried", query_))]
         ordered = [rows[q] for q in (args.image or args.id) if q in rows]
         draw_contact_sheet(ordered, args.contact_sheet)
         _say(f"Contact sheet of {plural(len(ordered), 'row')} written to {args.contact_sheet}.")
@@ -138,7 +145,7 @@ def duplicates(args, parser) -> int:
 
     if not args.output.endswith(".parquet"):
         parser.error(f"--output {args.output}: name a .parquet file.")
-    index = open_search_index(args.index)
+    index = _open(args.index)
     threshold = args.threshold if args.threshold is not None else duplicate_threshold(index.model.get("model"))
     if not -1.0 <= threshold <= 1.0:
         parser.error(f"--threshold {threshold}: cosine similarity lies between -1 and 1.")
@@ -147,17 +154,15 @@ def duplicates(args, parser) -> int:
     pq.write_table(groups, sink)
     with FileSystems.create(args.output, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         f.write(sink.getvalue().to_pybytes())
-    count = len(set(groups.column("group").to_pylist()))
-    same = sum(groups.column("same_bytes").to_pylist())
-    _say(f"{plural(count, 'group')} of near-duplicates ({plural(groups.num_rows, 'image')}, "
-         f"{same - count if same else 0} with the same bytes as their group's first) at cosine similarity >= "
-         f"{threshold} written to {args.output}.")
+    rows = {}
+    for row in groups.to_pylist():
+        members = rows.setdefault(row["group"], [])
+        same = " same bytes" if row["same_bytes"] and members else ""
+        members.append(Tile(row["uri"], (row["id"], f"{row['similarity']:.4f}{same}")))
+    identical = sum(1 for members in rows.values() for tile in members[1:] if tile.caption[1].endswith("same bytes"))
+    _say(f"{plural(len(rows), 'group')} of near-duplicates ({plural(groups.num_rows, 'image')}; {identical} of "
+         f"them byte-identical to their group's first) at cosine similarity >= {threshold} written to {args.output}.")
     if args.contact_sheet:
-        rows = {}
-        for row in groups.to_pylist():
-            members = rows.setdefault(row["group"], [])
-            same = " same bytes" if row["same_bytes"] and members else ""
-            members.append(Tile(row["uri"], (row["id"], f"{row['similarity']:.4f}{same}")))
         draw_contact_sheet(list(rows.values()), args.contact_sheet)
         _say(f"Contact sheet of {plural(len(rows), 'group')} written to {args.contact_sheet}.")
     return 0
