@@ -12,11 +12,8 @@ MODEL=mobilenet_v2_130_224
 if handle=$(python -m pipeline.models available "$MODEL"); then
   handle_args=()
 else
-  cat >&2 <<MSG
-NOTE: tfhub.dev cannot be reached from this machine, so this demo embeds with a STAND-IN for $MODEL:
-the same architecture with RANDOM weights (built by python -m pipeline.standin_models), so its vectors
-are NOT MEANINGFUL. For real ones, see "Models without a route to the hub" in README.md.
-MSG
+  echo "NOTE: tfhub.dev cannot be reached: embedding with a random-weight stand-in (python -m pipeline.standin_models)," \
+    "vectors NOT MEANINGFUL; for real ones see \"Models without a route to the hub\" in README.md." >&2
   log=$(mktemp)
   if ! handle=$(python -m pipeline.standin_models --model "$MODEL" --output .cache/standins 2>"$log"); then
     cat "$log" >&2

@@ -40,7 +40,7 @@ def main() -> None:
     spec = MODELS[args.model]
     handle = cached_standin(spec, os.path.join(REPO, ".cache", "standins"),
                             load_calibration_images(os.path.join(REPO, "samples", "*"), spec))
-    count = args.images or (1600 if spec.input_size <= 224 else 160)
+    count = args.images or (1600 if spec.input_size <= MODELS["mobilenet_v2_130_224"].input_size else 160)
     paths = build_corpus(os.path.join(HERE, "results", "corpus"), count)
     work = tempfile.mkdtemp(prefix="against-revision-")
     small = write_manifest(os.path.join(work, "small.csv"), paths[:SMALL_RUN])

@@ -35,7 +35,7 @@ from transforms.decode import PreprocessConfig, decode_image  # noqa: E402
 from transforms.embed import EmbedConfig, HubEmbedder  # noqa: E402
 from transforms.litert_engine import LiteRTEmbedder  # noqa: E402
 
-SIZE = 224
+SIZE = MODELS["mobilenet_v2_130_224"].input_size
 
 
 def recipe(data: bytes) -> np.ndarray:

@@ -75,7 +75,7 @@ def main() -> None:
                             load_calibration_images(os.path.join(REPO, "samples", "*"), spec))
     compiled = compile_litert(HubEmbedder(EmbedConfig(handle=handle, image_size=spec.input_size, dim=spec.dim)),
                               spec.input_size, model_fingerprint(handle), default_cache(None))
-    count = args.images or (1600 if spec.input_size <= 224 else 160)
+    count = args.images or (1600 if spec.input_size <= MODELS["mobilenet_v2_130_224"].input_size else 160)
     paths = build_corpus(os.path.join(HERE, "results", "corpus"), count)
     work = os.path.join(HERE, "results", "work-engines")
     os.makedirs(work, exist_ok=True)

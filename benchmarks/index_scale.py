@@ -34,7 +34,7 @@ from pipeline.options import parse_args  # noqa: E402
 from transforms.sink import embeddings_schema  # noqa: E402
 
 MODEL = MODELS["mobilenet_v2_130_224"]
-METADATA = {"model": MODEL.name, "handle": "synthetic", "fingerprint": "sha256:synthetic", "image_size": "224",
+METADATA = {"model": MODEL.name, "handle": "synthetic", "fingerprint": "sha256:synthetic", "image_size": str(MODEL.input_size),
             "dim": str(MODEL.dim), "preprocessing": "synthetic", "precision": "float32", "weights": "synthetic"}
 
 

@@ -23,8 +23,12 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from pipeline.models import MODELS  # noqa: E402
+
 RESULTS = os.path.join(HERE, "results")
-DIM = 1664
+DIM = MODELS["mobilenet_v2_130_224"].dim
 SUBSPACE = 64
 CHUNK = 50_000
 K = 10
@@ -114,7 +118,6 @@ def candidate(name: str, data: str, count: int, queries_path: str, truth_path: s
         build = time.perf_counter() - start
         settings = [({}, lambda q: index.search(q, K)[1])]
     elif name == "faiss-ivf":  # the project's own build: inverted lists, the number probed tuned for recall
-        sys.path.insert(0, os.path.dirname(HERE))
         from pipeline.search.vector_index import build as build_index
 
         built = build_index(lambda: chunks(data), count, DIM, "ann")

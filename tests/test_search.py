@@ -154,9 +154,10 @@ def test_overlapping_runs_are_refused_with_what_to_build_from(corpus, tmp_path, 
     assert "appears more than once" in capsys.readouterr().err
 
 
-def test_duplicates_finds_exactly_the_planted_groups(corpus, tmp_path):
+def test_duplicates_finds_exactly_the_planted_groups(corpus, tmp_path, capsys):
     out = str(tmp_path / "dups.parquet")
     assert search(["duplicates", "--index", corpus["index"], "--output", out]) == 0
+    assert "3 groups of near-duplicates (6 images; 1 of them byte-identical" in capsys.readouterr().err
     rows = pq.read_table(out).to_pylist()
     groups = {}
     for row in rows:

@@ -19,8 +19,8 @@ from typing import Sequence
 from pipeline.models import duplicate_threshold
 from pipeline.runtime import configure_logging
 from pipeline.search.collection import CollectionError, from_files, from_index
-from pipeline.search.contact_sheet import Tile, draw_contact_sheet
-from pipeline.search.store import SearchIndexError, build_search_index, open_search_index
+from pipeline.search.contact_sheet import draw_contact_sheet, group_rows, query_rows
+from pipeline.search.store import SearchIndexError, build_search_index, open_search_index, write_parquet
 from pipeline.search.vector_index import KINDS, SearchDependencyError
 from transforms.records import plural
 
@@ -123,25 +123,14 @@ def query(args, parser) -> int:
         write_hits(hits, args.output)
         _say(f"{plural(len(hits), 'hit')} written to {args.output}.")
     if args.contact_sheet:
-        rows = {}
-        for hit in hits:
-            row = rows.setdefault(hit.query, [Tile(hit.query, ("query", hit.query))] if args.image else [])
-            row.append(Tile(hit.uri, (hit.id, f"{hit.similarity:.4f}")))
-        for query_, _ in failures:  # every query has its row, answered or not
-            rows[query_] = [Tile(query_ if args.image else None, ("not queried", query_))]
-        ordered = [rows[q] for q in (args.image or args.id) if q in rows]
-        draw_contact_sheet(ordered, args.contact_sheet)
-        _say(f"Contact sheet of {plural(len(ordered), 'row')} written to {args.contact_sheet}.")
+        rows = query_rows(list(dict.fromkeys(args.image or args.id)), hits, failures, bool(args.image))
+        draw_contact_sheet(rows, args.contact_sheet)
+        _say(f"Contact sheet of {plural(len(rows), 'row')} written to {args.contact_sheet}.")
     return 1 if failures else 0
 
 
 def duplicates(args, parser) -> int:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from apache_beam.io.filesystem import CompressionTypes
-    from apache_beam.io.filesystems import FileSystems
-
-    from pipeline.search.duplicates import duplicate_groups
+    from pipeline.search.duplicates import byte_identical_copies, duplicate_groups
 
     if not args.output.endswith(".parquet"):
         parser.error(f"--output {args.output}: name a .parquet file.")
@@ -150,20 +139,13 @@ def duplicates(args, parser) -> int:
     if not -1.0 <= threshold <= 1.0:
         parser.error(f"--threshold {threshold}: cosine similarity lies between -1 and 1.")
     groups = duplicate_groups(index, threshold)
-    sink = pa.BufferOutputStream()
-    pq.write_table(groups, sink)
-    with FileSystems.create(args.output, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        f.write(sink.getvalue().to_pybytes())
-    rows = {}
-    for row in groups.to_pylist():
-        members = rows.setdefault(row["group"], [])
-        same = " same bytes" if row["same_bytes"] and members else ""
-        members.append(Tile(row["uri"], (row["id"], f"{row['similarity']:.4f}{same}")))
-    identical = sum(1 for members in rows.values() for tile in members[1:] if tile.caption[1].endswith("same bytes"))
+    write_parquet(groups, args.output)
+    rows = group_rows(groups)
+    identical = byte_identical_copies(groups)
     _say(f"{plural(len(rows), 'group')} of near-duplicates ({plural(groups.num_rows, 'image')}; {identical} of "
          f"them byte-identical to their group's first) at cosine similarity >= {threshold} written to {args.output}.")
     if args.contact_sheet:
-        draw_contact_sheet(list(rows.values()), args.contact_sheet)
+        draw_contact_sheet(rows, args.contact_sheet)
         _say(f"Contact sheet of {plural(len(rows), 'group')} written to {args.contact_sheet}.")
     return 0
 

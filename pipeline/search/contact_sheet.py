@@ -28,6 +28,26 @@ class Tile:
     caption: tuple  # lines under the thumbnail
 
 
+def query_rows(asked: Sequence[str], hits: Sequence, failures: Sequence, by_image: bool) -> list:
+    """A row per query, in the order asked: the query image (for image queries), then its hits in rank order."""
+    rows = {query: [Tile(query, ("query", query))] if by_image else [] for query in asked}
+    for hit in hits:
+        rows[hit.query].append(Tile(hit.uri, (hit.id, f"{hit.similarity:.4f}")))
+    for query, _ in failures:  # an unanswered query keeps its row, saying so
+        rows[query] = [Tile(query if by_image else None, ("not queried", query))]
+    return list(rows.values())
+
+
+def group_rows(groups) -> list:
+    """A row per duplicate group (a table of duplicates.GROUPS_SCHEMA), its first member first."""
+    rows: dict = {}
+    for member in groups.to_pylist():
+        row = rows.setdefault(member["group"], [])
+        same = " same bytes" if member["same_bytes"] and row else ""
+        row.append(Tile(member["uri"], (member["id"], f"{member['similarity']:.4f}{same}")))
+    return list(rows.values())
+
+
 def tile_box(row: int, column: int) -> tuple:
     """(left, top, right, bottom) of the thumbnail square of a tile."""
     left = PAD + column * (THUMB + PAD)

@@ -66,3 +66,12 @@ def duplicate_groups(index: SearchIndex, threshold: float) -> pa.Table:
             out["same_bytes"].append(bool(first) and digests[row] == first)
             out["sha256"].append(digests[row])
     return pa.table(out, schema=GROUPS_SCHEMA)
+
+
+def byte_identical_copies(groups: pa.Table) -> int:
+    """Members (other than a group's first) with the same bytes as their group's first."""
+    count, previous = 0, None
+    for member in groups.select(["group", "same_bytes"]).to_pylist():
+        count += member["same_bytes"] and member["group"] == previous
+        previous = member["group"]
+    return count

@@ -7,19 +7,24 @@ since its vectors would not be comparable.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 from typing import Optional
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.fingerprint import model_fingerprint
-from pipeline.search.store import SearchIndex
+from pipeline.search.store import SearchIndex, write_bytes, write_parquet
 from transforms.decode import RESIZE_MODES, PreprocessConfig, decode_read_bytes
-from transforms.records import Failure, ImageRef
+from transforms.records import Failure, ImageRef, Stage
 from transforms.uri_reader import ReadConfig, ReadError, read_uri
 
 QUERY_BATCH = 32
+READ_THREADS = 16  # query images are read concurrently: they may be on a web server or object store
+HITS_SCHEMA = pa.schema([("query", pa.string()), ("rank", pa.int32()), ("id", pa.string()), ("uri", pa.string()),
+                         ("similarity", pa.float32())])
 
 
 class QueryRefused(ValueError):
@@ -77,19 +82,21 @@ def load_query_model(model: dict, handle: Optional[str] = None):
 def embed_images(uris: list, model: dict, handle: Optional[str], read: ReadConfig = ReadConfig()):
     """(vectors [n, dim] of the readable images, their uris, failures as (uri, reason)) in input order."""
     preprocess = recorded_preprocessing(model)
-    pixels, kept, failures = [], [], []
-    for uri in uris:
+
+    def decoded(uri: str):
         try:
-            data = read_uri(uri, read)
+            return decode_read_bytes(ImageRef(uri, uri), read_uri(uri, read), preprocess)
         except ReadError as exc:
-            failures.append((uri, str(exc)))
-            continue
-        decoded = decode_read_bytes(ImageRef(uri, uri), data, preprocess)
-        if isinstance(decoded, Failure):
-            failures.append((uri, decoded.error))
-        else:
-            pixels.append(decoded.pixels)
-            kept.append(uri)
+            return Failure(uri, uri, Stage.READ, str(exc))
+
+    pixels, kept, failures = [], [], []
+    with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
+        for uri, result in zip(uris, pool.map(decoded, uris)):
+            if isinstance(result, Failure):
+                failures.append((uri, result.error))
+            else:
+                pixels.append(result.pixels)
+                kept.append(uri)
     if not pixels:
         return np.zeros((0, int(model["dim"])), np.float32), kept, failures
     embedder = load_query_model(model, handle)
@@ -132,19 +139,8 @@ def query_by_images(index: SearchIndex, uris: list, k: int, handle: Optional[str
 
 def write_hits(hits: list, path: str) -> None:
     """One row per hit: query, rank, id, uri, similarity; Parquet or JSON by the file's extension."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from apache_beam.io.filesystem import CompressionTypes
-    from apache_beam.io.filesystems import FileSystems
-
     rows = [dataclasses.asdict(hit) for hit in hits]
     if path.endswith(".json"):
-        data = json.dumps(rows, indent=1).encode()
+        write_bytes(path, json.dumps(rows, indent=1).encode())
     else:
-        schema = pa.schema([("query", pa.string()), ("rank", pa.int32()), ("id", pa.string()), ("uri", pa.string()),
-                            ("similarity", pa.float32())])
-        sink = pa.BufferOutputStream()
-        pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
-        data = sink.getvalue().to_pybytes()
-    with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        f.write(data)
+        write_parquet(pa.Table.from_pylist(rows, schema=HITS_SCHEMA), path)

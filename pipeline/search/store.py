@@ -49,16 +49,23 @@ class SearchIndex:
         return pc.index_in(pa.array(ids, pa.string()), value_set=self.items.column("id")).to_pylist()
 
 
-def _write_bytes(path: str, data: bytes) -> None:
+def write_bytes(path: str, data: bytes) -> None:
     with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         f.write(data)
+
+
+def write_parquet(table: pa.Table, path: str) -> None:
+    """`table` as one Parquet file at `path`, local or on any Beam filesystem."""
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_bytes(path, sink.getvalue().to_pybytes())
 
 
 def build_search_index(collection: Collection, root: str, kind: str, overwrite: bool,
                        log: Callable[[str], None]) -> dict:
     """Builds and writes the index of `collection` into `root`; returns the manifest."""
-    import pyarrow.parquet as pq
-
     root = root.rstrip("/")
     manifest_path = FileSystems.join(root, MANIFEST)
     if FileSystems.exists(manifest_path) and not overwrite:
@@ -89,9 +96,7 @@ def build_search_index(collection: Collection, root: str, kind: str, overwrite: 
     index.save(FileSystems.join(root, VECTORS))
     table = pa.table({"row": np.arange(len(items["ids"]), dtype=np.int64), "id": items["ids"],
                       "uri": items["uris"], "sha256": items["sha256"]}, schema=ITEMS_SCHEMA)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    _write_bytes(FileSystems.join(root, ITEMS), sink.getvalue().to_pybytes())
+    write_parquet(table, FileSystems.join(root, ITEMS))
     manifest = {
         "format": FORMAT,
         "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -104,7 +109,7 @@ def build_search_index(collection: Collection, root: str, kind: str, overwrite: 
         "index": {"library": f"faiss-cpu {import_faiss().__version__}", "kind": index.kind, **index.params},
         "with_sha256": sum(1 for s in items["sha256"] if s),
     }
-    _write_bytes(manifest_path, json.dumps(manifest, indent=2).encode())
+    write_bytes(manifest_path, json.dumps(manifest, indent=2).encode())
     return manifest
 
 

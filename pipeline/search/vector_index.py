@@ -100,9 +100,8 @@ class VectorIndex:
                 index = faiss.deserialize_index(np.frombuffer(f.read(), np.uint8))
         else:
             index = faiss.read_index(path)
-        if kind == "ann":
+        if kind == "ann":  # the row -> vector map built at build time is saved with the index
             faiss.extract_index_ivf(index).nprobe = params["nprobe"]
-            faiss.extract_index_ivf(index).make_direct_map()
         return cls(index, kind, params)
 
 
