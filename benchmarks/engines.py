@@ -4,13 +4,15 @@
 
 For the model's stand-in (same architecture and compute as the hub model): TensorFlow and LiteRT alone
 (1 process x 1 thread, and one process per core), each in fresh processes, with start-up and peak RSS;
-decode + resize alone on one core; then the pipeline on DirectRunner at its default setting with
-`--engine tensorflow` and `--engine auto`, measured as the marginal rate between a 16-image and the full
-run, so fixed start-up is reported apart. The pipelines run `--repeats` times in alternating order and
-the medians count: one pair of runs swings by tens of percent on a machine that drifts.
-The combined limit is cores / (model time + decode time per image), from this run's own measurements
-of the fastest engine and the decoder alone (decode measured before and after the pipelines, averaged);
-the same formula with each engine gives the best end-to-end ratio this machine allows.
+decode + resize alone (one process, and one per core); then the pipeline on DirectRunner at its default
+setting with `--engine tensorflow` and `--engine auto`, measured as the marginal rate between a 16-image
+and the full run, so fixed start-up is reported apart. The pipelines run `--repeats` times in
+alternating order and the medians count: one pair of runs swings by tens of percent on a machine that
+drifts. Everything alone is measured before and after the pipelines and averaged.
+The combined limit is cores / (model time + decode time per image) of the fastest engine, computed two
+ways: from per-core rates measured with one core busy (the machine idle otherwise), and with every core
+busy (as the pipeline keeps them; shared cache and memory make each core slower). The same formula with
+each engine gives the best end-to-end ratio this machine allows.
 Writes benchmarks/results/engines-MODEL.json.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -42,7 +45,7 @@ from transforms.embed import EmbedConfig, HubEmbedder  # noqa: E402
 def engine_alone(engine: str, handle: str, compiled: str, spec, processes: int, seconds: float) -> dict:
     """The engine at the batch size the pipeline gives it by default (TensorFlow: the model's best batch)."""
     batch = {"tensorflow": batch_for(spec.input_size), "litert": DEFAULT_BATCH["litert"]}
-    start_at = time.time() + 25  # every copy has started and warmed up before any measures
+    start_at = time.time() + 15  # every copy has started and warmed up before any measures
     command = [sys.executable, os.path.join(HERE, "engine_alone.py"), "--engine", engine, "--handle", handle,
                "--size", str(spec.input_size), "--dim", str(spec.dim), "--batch", str(batch[engine]),
                "--threads", "1", "--seconds", str(seconds), "--start_at", str(start_at)]
@@ -59,6 +62,20 @@ def engine_alone(engine: str, handle: str, compiled: str, spec, processes: int, 
           f"{merged['startup_s']:.2f} s, peak RSS {merged['peak_rss_mb_per_process']} MB/process, "
           f"TensorFlow imported: {merged['tensorflow_imported']}", flush=True)
     return merged
+
+
+def _decode_from(paths: list[str], size: int, start_at: float) -> float:
+    time.sleep(max(0.0, start_at - time.time()))
+    return decode_rate(paths, size)
+
+
+def decode_alone(paths: list[str], size: int, processes: int) -> float:
+    """images/s of read + decode + resize in `processes` processes at once (each over the whole corpus)."""
+    start_at = time.time() + 8  # every copy has started before any measures
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        rates = pool.starmap(_decode_from, [(paths, size, start_at)] * processes)
+    print(f"  decode + resize, {processes} proc: {sum(rates):7.1f} img/s", flush=True)
+    return sum(rates)
 
 
 def main() -> None:
@@ -83,12 +100,17 @@ def main() -> None:
     full = write_manifest(os.path.join(work, "full.csv"), paths, copies=args.copies)
     listed = count * args.copies
 
-    print(f"{spec.name}: engines alone ...", flush=True)
-    alone = [engine_alone(engine, handle, compiled if engine == "litert" else None, spec, processes, args.seconds)
-             for processes in (1, cores) for engine in ("tensorflow", "litert")]
-    print("decode + resize alone, one core ...", flush=True)
-    decode_before = decode_rate(paths, spec.input_size)
-    print(f"  {decode_before:.1f} img/s", flush=True)
+    settings = (1, cores)
+
+    def alone():
+        """Each engine and the decoder alone, on one core and on every core at once."""
+        engines = [engine_alone(engine, handle, compiled if engine == "litert" else None, spec, processes,
+                                args.seconds) for processes in settings for engine in ("tensorflow", "litert")]
+        return {"engines": engines, "decode": {processes: decode_alone(paths, spec.input_size, processes)
+                                               for processes in settings}}
+
+    print(f"{spec.name}: engines and decode alone ...", flush=True)
+    before = alone()
 
     def pipeline(engine):
         def run(manifest, out):
@@ -105,30 +127,43 @@ def main() -> None:
             print(f"  {runs[engine][-1]}", flush=True)
     end_to_end = {engine: {key: statistics.median(run[key] for run in results) for key in results[0]}
                   for engine, results in runs.items()}
-    print("decode + resize alone again ...", flush=True)
-    decode_after = decode_rate(paths, spec.input_size)
-    decode = (decode_before + decode_after) / 2
-    print(f"  {decode_after:.1f} img/s", flush=True)
+    print("engines and decode alone again ...", flush=True)
+    after = alone()
 
-    def limit(engine):
-        one_process = next(a for a in alone if a["processes"] == 1 and a["engine"] == engine)
-        return cores / (1 / one_process["images_per_s"] + 1 / decode)
+    def engine_rate(engine, processes):  # averaged over before and after the pipelines
+        return statistics.mean(a["images_per_s"] for a in before["engines"] + after["engines"]
+                               if a["processes"] == processes and a["engine"] == engine)
 
-    fastest = max((a for a in alone if a["processes"] == 1), key=lambda a: a["images_per_s"])
-    best = limit(fastest["engine"])
+    def decode(processes):
+        return statistics.mean(m["decode"][processes] for m in (before, after))
+
+    def limit(engine, processes):
+        """cores / (model time + decode time per image), from per-core rates measured with `processes` busy."""
+        per_core_model, per_core_decode = engine_rate(engine, processes) / processes, decode(processes) / processes
+        return cores / (1 / per_core_model + 1 / per_core_decode)
+
+    fastest = max(("tensorflow", "litert"), key=lambda engine: engine_rate(engine, 1))
+    auto = end_to_end["auto"]["images_per_s"]
     summary = {
-        "model": spec.name, "cores": cores, "images": listed, "engines_alone": alone,
-        "decode_images_per_s": round(decode, 1), "decode_before_after": [round(decode_before, 1), round(decode_after, 1)],
-        "fastest_engine_alone": fastest["engine"], "combined_limit_images_per_s": round(best, 1),
-        "limit_ratio_litert_vs_tensorflow": round(limit("litert") / limit("tensorflow"), 2),
+        "model": spec.name, "cores": cores, "images": listed, "alone_before": before, "alone_after": after,
+        "engine_images_per_s": {f"{engine}, {processes} proc": round(engine_rate(engine, processes), 1)
+                                for engine in ("tensorflow", "litert") for processes in settings},
+        "decode_images_per_s": {f"{processes} proc": round(decode(processes), 1) for processes in settings},
+        "fastest_engine_alone": fastest,
+        "combined_limit_images_per_s": {f"{engine}, per-core rates with {processes} busy": round(limit(engine, processes), 1)
+                                        for engine in ("tensorflow", "litert") for processes in settings},
         "end_to_end_runs": runs, "end_to_end_median": end_to_end,
         "auto_vs_tensorflow_each_run": [round(a["images_per_s"] / t["images_per_s"], 2)
                                         for a, t in zip(runs["auto"], runs["tensorflow"])],
-        "auto_vs_tensorflow": round(end_to_end["auto"]["images_per_s"] / end_to_end["tensorflow"]["images_per_s"], 2),
-        "auto_vs_limit": round(end_to_end["auto"]["images_per_s"] / best, 2),
+        "auto_vs_tensorflow": round(auto / end_to_end["tensorflow"]["images_per_s"], 2),
+        "auto_vs_limit_one_core_rates": round(auto / limit(fastest, 1), 2),
+        "auto_vs_limit_all_core_rates": round(auto / limit(fastest, cores), 2),
+        "tensorflow_vs_its_limit_all_core_rates": round(
+            end_to_end["tensorflow"]["images_per_s"] / limit("tensorflow", cores), 2),
         "startup_ratio": round(end_to_end["auto"]["startup_s"] / max(end_to_end["tensorflow"]["startup_s"], 1e-9), 2),
     }
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("engines_alone", "end_to_end_runs")}, indent=2))
+    print(json.dumps({k: v for k, v in summary.items()
+                      if k not in ("alone_before", "alone_after", "end_to_end_runs")}, indent=2))
     with open(os.path.join(HERE, "results", f"engines-{spec.name}.json"), "w") as f:
         json.dump(summary, f, indent=2)
 

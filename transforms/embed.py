@@ -163,7 +163,9 @@ class HubEmbedder:
                 sizes.add((shape[1], shape[2]))
         return sizes
 
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+    def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """uint8 [h, w, 3] images (a sequence, or an [n, h, w, 3] array) -> float32 [n, dim]."""
+        pixels = np.stack(images) if not isinstance(images, np.ndarray) else images
         try:
             vectors = self._embed(pixels).numpy()
         except self._environment_errors as exc:
@@ -202,7 +204,7 @@ class HubModelHandler(ModelHandler[DecodedImage, Union[Embedding, Failure], obje
         self, batch: Sequence[DecodedImage], model: HubEmbedder, inference_args: Optional[dict] = None
     ) -> Iterable[Union[Embedding, Failure]]:
         try:
-            vectors = model(np.stack([image.pixels for image in batch]))
+            vectors = model([image.pixels for image in batch])  # stacked by the engine that needs it
         except (ModelOutputError, ModelEnvironmentError):
             raise
         except Exception:  # MemoryError included: a smaller call may fit

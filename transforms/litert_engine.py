@@ -7,6 +7,7 @@ The artifact is converted once per job by the launcher (pipeline/compile.py), wi
 from __future__ import annotations
 
 import threading
+from typing import Sequence
 
 import numpy as np
 
@@ -50,12 +51,12 @@ class LiteRTEmbedder:
     def accepted_input_sizes(self) -> set:
         return {(self._size, self._size)}
 
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+    def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """uint8 [h, w, 3] images (a sequence, or an [n, h, w, 3] array) -> float32 [n, dim]; never stacked."""
         local = self._interpreter()
-        pixels = np.ascontiguousarray(pixels, np.uint8)
-        vectors = np.empty((len(pixels), self._dim), np.float32)
-        for index in range(len(pixels)):
-            local.interpreter.set_tensor(local.input, pixels[index:index + 1])
+        vectors = np.empty((len(images), self._dim), np.float32)
+        for index, image in enumerate(images):
+            local.interpreter.set_tensor(local.input, np.ascontiguousarray(image, np.uint8)[np.newaxis])
             local.interpreter.invoke()
             vector = local.interpreter.get_tensor(local.output)
             if vector.shape != (1, self._dim):

@@ -100,7 +100,7 @@ def embed_images(uris: list, model: dict, handle: Optional[str], read: ReadConfi
     if not pixels:
         return np.zeros((0, int(model["dim"])), np.float32), kept, failures
     embedder = load_query_model(model, handle)
-    vectors = np.concatenate([embedder(np.stack(pixels[i:i + QUERY_BATCH])) for i in range(0, len(pixels), QUERY_BATCH)])
+    vectors = np.concatenate([embedder(pixels[i:i + QUERY_BATCH]) for i in range(0, len(pixels), QUERY_BATCH)])
     return vectors, kept, failures
 
 
