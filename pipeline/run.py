@@ -37,6 +37,7 @@ from pipeline.preflight import (
 from pipeline.progress import ProgressDisplay
 from pipeline.report import beam_metrics, error_rate_exceeded, print_summary, software_versions
 from pipeline.runtime import (
+    collector_frozen,
     configure_logging,
     describe_execution,
     is_local_runner,
@@ -101,7 +102,7 @@ def run(config: JobConfig, beam_args: Sequence[str], announce: bool = True) -> d
     display = ProgressDisplay(plan.inputs, config.progress_interval_s) if show_progress else None
     p = beam.Pipeline(options=options)
     build_pipeline(p, config, metadata, display.directory if display else None)
-    with display or contextlib.nullcontext():
+    with display or contextlib.nullcontext(), collector_frozen():
         result = p.run()
         state = result.wait_until_finish()
     if state not in (PipelineState.DONE, None):

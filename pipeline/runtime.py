@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import re
@@ -16,6 +18,23 @@ from transforms.embed import VERBOSE_ENV
 LOCAL_RUNNERS = (None, "DirectRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
 # Each DirectRunner worker process holds TensorFlow and a model: about 2 GB measured, 3 GB allowed.
 _MEMORY_PER_WORKER = 3 * 1024**3
+
+
+@contextlib.contextmanager
+def collector_frozen():
+    """Keeps Python's cyclic collector off what is already loaded while the pipeline runs.
+
+    Full collections otherwise re-scan every module, proto and model object on each pass; the launcher
+    runs DirectRunner's runner, so its pauses hold up the workers too. Freezing here and in each
+    worker after its model loads (transforms/embed.py) made a LiteRT run 7% faster end to end
+    (18.3 against 19.6 s for 3200 images, three alternating pairs). Unfrozen afterwards, so a
+    process that runs several pipelines (tests, notebooks) collects as usual between them.
+    """
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def runner_name(options: PipelineOptions) -> str:

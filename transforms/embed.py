@@ -198,7 +198,11 @@ class HubModelHandler(ModelHandler[DecodedImage, Union[Embedding, Failure], obje
         self._config = config
 
     def load_model(self):
-        return load_embedder(self._config)
+        model = load_embedder(self._config)
+        # The process's modules and model live as long as it does: frozen, full collections skip them
+        # instead of re-scanning them while the job runs (see pipeline/runtime.py: collector_frozen).
+        gc.freeze()
+        return model
 
     def run_inference(
         self, batch: Sequence[DecodedImage], model: HubEmbedder, inference_args: Optional[dict] = None
