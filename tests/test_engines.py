@@ -1,6 +1,7 @@
 """The compiled engine: chosen per model, compiled once and reused, equal to TensorFlow within a tested tolerance."""
 
 import concurrent.futures
+import gc
 import glob
 import json
 import os
@@ -17,7 +18,7 @@ from pipeline.engine import EngineError, compile_litert, fidelity, resolve_engin
 from pipeline.models import MODELS
 from pipeline.fingerprint import model_fingerprint
 from transforms.decode import PreprocessConfig, decode_image
-from transforms.embed import EmbedConfig, HubEmbedder
+from transforms.embed import EmbedConfig, HubEmbedder, HubModelHandler
 from transforms.litert_engine import LiteRTEmbedder
 
 MOBILENET, INCEPTION = MODELS["mobilenet_v2_130_224"], MODELS["inception_resnet_v2"]
@@ -144,6 +145,33 @@ def test_auto_picks_the_registrys_engine_and_records_it(tmp_path, mobilenet_hand
         metadata = pq.read_schema(glob.glob(f"{out}/embeddings-*.parquet")[0]).metadata
         assert metadata[b"embedding.engine"].decode().startswith(engine)
         assert json.loads((out / "run_report.json").read_text())["engine"].startswith(engine)
+
+
+def test_loaded_objects_are_kept_out_of_collections_while_a_run_embeds_and_collected_as_usual_after(
+        tmp_path, mobilenet_handle, monkeypatch):
+    frozen_at_each_call = []
+    original = LiteRTEmbedder.__call__
+
+    def spy(self, images):
+        frozen_at_each_call.append(gc.get_freeze_count())
+        return original(self, images)
+
+    monkeypatch.setattr(LiteRTEmbedder, "__call__", spy)
+    images = tmp_path / "imgs"
+    images.mkdir()
+    (images / "a.png").write_bytes(encode(photo("coffee")[:80, :80], "PNG"))
+    assert run_pipeline("--input", str(images), "--output", str(tmp_path / "out"), "--engine", "litert",
+                        "--compiled_cache", str(tmp_path / "cache"), "--model_handle", mobilenet_handle) == 0
+    assert frozen_at_each_call[-1] > 0  # the pipeline's own call; earlier ones are the launcher's probes
+    assert gc.get_freeze_count() == 0
+
+    [compiled] = glob.glob(f"{tmp_path}/cache/*.tflite")  # a worker process freezes on its own, after loading
+    handler = HubModelHandler(_mobilenet(mobilenet_handle, engine="litert", compiled=compiled))
+    try:
+        handler.load_model()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
 
 
 def test_compiled_once_and_reused_by_later_runs_and_by_a_copy_of_the_model(tmp_path, mobilenet_handle):
