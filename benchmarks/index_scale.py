@@ -44,6 +44,7 @@ def build_index(root: str, nights: int, per_night: int) -> tuple[IndexStore, dic
     rng = np.random.default_rng(0)
     schema = embeddings_schema(MODEL.dim, METADATA)
     live: dict = {}
+    seq = 0
     for night in range(nights):
         changed = [f"id{i:07d}" for i in rng.choice(len(live), size=min(5, len(live)), replace=False)] if live else []
         new = [f"id{len(live) + i:07d}" for i in range(per_night)]
@@ -60,11 +61,13 @@ def build_index(root: str, nights: int, per_night: int) -> tuple[IndexStore, dic
         pq.write_table(table, os.path.join(store.run_dir(run), "embeddings-00000-of-00001.parquet"))
         with open(os.path.join(store.run_dir(run), "run_report.json"), "w") as f:
             f.write("{}")
-        store.append({"kind": "run", "run": run, "update": run, "embedded": len(batch), "errors": 0})
+        seq += 1
+        store.append(seq, {"kind": "run", "run": run, "update": run, "embedded": len(batch), "errors": 0})
         os.makedirs(store.update_dir(run))
         pq.write_table(pa.table({"id": list(live), "uri": list(live.values())}, schema=PAIRS_SCHEMA),
                        os.path.join(store.update_dir(run), "live-00000-of-00001.parquet"))
-        store.append({"kind": "update", "update": run})
+        seq += 1
+        store.append(seq, {"kind": "update", "update": run})
     return store, live
 
 

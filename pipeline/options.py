@@ -78,8 +78,10 @@ def build_parser(
     prog: str = "python -m pipeline.run",
     description: str = "Embed images with a TF Hub feature-vector model on Apache Beam; write Parquet.",
     single_run: bool = True,
+    with_input: bool = True,
 ) -> argparse.ArgumentParser:
-    """The options of one embedding run; `single_run=False` leaves out where its output goes (the index decides)."""
+    """The options of one embedding run; `single_run=False` leaves out where its output goes (the index decides),
+    `with_input=False` what it reads (an index's `create` records only the model and preprocessing)."""
     models = ", ".join(f"{m.name} ({m.input_size}x{m.input_size}, {m.dim}-dim)" for m in MODELS.values())
     parser = argparse.ArgumentParser(
         prog=prog,
@@ -89,14 +91,15 @@ def build_parser(
         allow_abbrev=False,  # never swallow a Beam flag by prefix
     )
     io = parser.add_argument_group("input and output")
-    io.add_argument(
-        "--input",
-        required=True,
-        help="A folder (every image file under it, at any depth), a glob of image files ('/data/**/*.jpg': "
-        "**/ matches zero or more folders; 'gs://bucket/imgs/*.jpg'), a manifest (.txt: one URI a line; "
-        ".csv/.tsv/.jsonl/.parquet with a 'uri' and optional 'id' column), or TFRecord files of tf.train.Example "
-        "(any name containing '.tfrecord', e.g. 'gs://b/train.tfrecord-*'). Without an id the id is the URI.",
-    )
+    if with_input:
+        io.add_argument(
+            "--input",
+            required=True,
+            help="A folder (every image file under it, at any depth), a glob of image files ('/data/**/*.jpg': "
+            "**/ matches zero or more folders; 'gs://bucket/imgs/*.jpg'), a manifest (.txt: one URI a line; "
+            ".csv/.tsv/.jsonl/.parquet with a 'uri' and optional 'id' column), or TFRecord files of tf.train.Example "
+            "(any name containing '.tfrecord', e.g. 'gs://b/train.tfrecord-*'). Without an id the id is the URI.",
+        )
     io.add_argument("--tfrecord_image_feature", default=TFRecordFeatures.image,
                     help="TFRecord input: the feature holding the encoded image. Default: %(default)s.")
     io.add_argument("--tfrecord_id_feature", default=TFRecordFeatures.id,
@@ -246,7 +249,7 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     except ValueError as exc:
         parser.error(str(exc))
     return JobConfig(
-        input=args.input,
+        input=getattr(args, "input", ""),
         output_dir=(getattr(args, "output", None) or "").rstrip("/") or "/",
         model=spec,
         preprocess=PreprocessConfig(

@@ -32,6 +32,34 @@ def encode(pixels_or_image, fmt: str, **save_args) -> bytes:
     return buffer.getvalue()
 
 
+TILE_SOURCES = ("astronaut", "chelsea", "coffee", "rocket", "retina", "motorcycle_left", "hubble_deep_field", "horse")
+
+
+def tiles(folder, count, start=0):
+    """`count` distinct images: 96x96 crops of real photos at different places, as PNG files tile-NNN.png."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for number in range(start, start + count):
+        image = photo(TILE_SOURCES[number % len(TILE_SOURCES)])
+        top, left = (number // len(TILE_SOURCES)) * 37 % (image.shape[0] - 96), (number * 53) % (image.shape[1] - 96)
+        path = folder / f"tile-{number:03d}.png"
+        path.write_bytes(encode(image[top:top + 96, left:left + 96], "PNG"))
+        paths.append(str(path))
+    return paths
+
+
+def write_manifest(path, pairs):
+    path.write_text("id,uri\n" + "".join(f"{i},{u}\n" for i, u in pairs))
+    return str(path)
+
+
+def new_index(root, handle, *options) -> None:
+    """`python -m pipeline.index create` in this process; asserts it succeeded."""
+    from pipeline.index.__main__ import main
+
+    assert main(["create", "--index", str(root), "--model_handle", handle, *options]) == 0
+
+
 def run_pipeline(*args: str) -> int:
     """Runs `python -m pipeline.run ARGS` in this process (model checks stay cached between tests).
 

@@ -128,7 +128,11 @@ def plan_input(path: str) -> InputPlan:
         if not files:
             raise ManifestError(f"--input {path} matches no TFRecord files.")
         return InputPlan(kind, len(files), "TFRecord files")
-    return InputPlan(kind, len(_matched_paths(glob_variants(path))), "files")
+    matched = len(_matched_paths(glob_variants(path)))
+    if not matched:
+        raise ManifestError(f"--input {path} matches no files. Check the pattern (a wrong date or folder, files not "
+                            f"written yet?); quote it so that the shell does not expand it.")
+    return InputPlan(kind, matched, "files")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,14 @@
-"""python -m pipeline.index update|status|snapshot: an index of one model that a scheduler keeps current.
+"""python -m pipeline.index create|update|status|snapshot: an index of one model that a scheduler keeps current.
 
-    update   --input MANIFEST_FOLDER_OR_GLOB --index ROOT [--run_size N] [pipeline.run and Beam options]
-    status   --index ROOT
+    create   --index ROOT [--model M] [--model_handle H] [preprocessing options]     once
+    update   --index ROOT --input MANIFEST_FOLDER_OR_GLOB [--run_size N] [--max_removed 0.5] [Beam options]
+    status   --index ROOT [--json]
     snapshot --index ROOT --output DIR [--overwrite] [Beam options]
 
-`update` makes the index match the input, in complete runs of at most --run_size inputs; run it again
-after a crash and it resumes (finished runs are kept). See pipeline/index/store.py for the layout.
+`update` makes the index match the input with the model and preprocessing `create` recorded, in complete
+runs of at most --run_size inputs; run it again after a crash and it resumes (finished runs are kept).
+Exit codes: 0 done, 1 failed (store error, lease lost; run again), 2 refused before any change, 3 more
+failures than --max_error_rate, 130 interrupted. See pipeline/index/store.py for the layout.
 """
 
 from __future__ import annotations
@@ -20,85 +23,136 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.index.plan import plan_update, write_chunks
-from pipeline.index.store import IndexRefused, IndexStore, new_name, now_iso
+from pipeline.index.lease import LeaseBusy, LeaseLost
+from pipeline.index.objects import StoreError, UnsupportedStore
+from pipeline.index.store import CommitRefused, IndexCorrupt, IndexRefused, IndexStore, now_iso
+from pipeline.index.update import DEFAULT_MAX_REMOVED, RemovalLimit, update_index
 from pipeline.index.view import WriteSnapshot, index_status
-from pipeline.models import MODELS
-from pipeline.options import positive_int, build_parser, config_from_args, refuse_unknown_args
+from pipeline.models import CUSTOM_MODEL, MODELS
+from pipeline.options import build_parser, config_from_args, positive_int, refuse_unknown_args
 from pipeline.outputs import RUN_REPORT, earlier_results, prepare_output_dir, summarize_outputs
-from pipeline.preflight import metadata_differences, output_metadata
+from pipeline.preflight import check_model, metadata_differences, output_metadata
 from pipeline.report import software_versions
 from pipeline.run import PREFLIGHT_ERRORS, choose_engine, run
 from pipeline.runtime import configure_logging
 from transforms.records import plural
-from transforms.source import input_kind
+from transforms.source import input_kind, plan_input
 
 DEFAULT_RUN_SIZE = 10_000  # minutes of work per run on a laptop: a crash costs at most that
+INDEX_HELP = "The index folder: local (or mounted) or gs://."
 
 
-def _update_parser() -> argparse.ArgumentParser:
-    parser = build_parser("python -m pipeline.index update", "Make the index at --index match --input: embed what is "
-                          "new or changed, drop what left, retry what failed. Resumes after a crash.", single_run=False)
-    parser.add_argument("--index", required=True, help="The index folder (local, gs://, ...); created on first use.")
-    parser.add_argument("--run_size", type=positive_int, default=DEFAULT_RUN_SIZE,
-                        help="At most this many inputs per run; a crash costs at most one run. Default: %(default)s.")
-    return parser
+def _store(root: str) -> IndexStore:
+    return IndexStore(root.rstrip("/") or "/")
 
 
-def update(argv: Sequence[str]) -> int:
-    parser = _update_parser()
+def _not_an_index(store: IndexStore) -> IndexRefused:
+    return IndexRefused(
+        f"{store.root} is not an index (no index.json). Create it once with: python -m pipeline.index create "
+        f"--index {store.root} --model MODEL [--model_handle HANDLE]; or check --index for a typo."
+    )
+
+
+# --- create ---------------------------------------------------------------------------------------------------
+
+def create(argv: Sequence[str]) -> int:
+    parser = build_parser("python -m pipeline.index create", "Create an empty index that records the model and "
+                          "preprocessing every later update uses.", single_run=False, with_input=False)
+    parser.add_argument("--index", required=True, help=INDEX_HELP + " Must not exist yet, or be empty.")
     args, beam_args = parser.parse_known_args(argv)
     refuse_unknown_args(parser, beam_args)
     config = config_from_args(parser, args)
     configure_logging(config.verbose)
-    store = IndexStore(args.index.rstrip("/"))
+    store = _store(args.index)
+    existing = store.identity()
+    if existing is not None:
+        raise IndexRefused(f"{store.root} is already an index of {existing['model']}; keep it current with "
+                           f"python -m pipeline.index update --index {store.root} --input ...")
+    if not store.is_empty():
+        raise IndexRefused(f"{store.root} holds files and is not an index; create the index in a new or empty folder.")
+    check_model(config.embed, MODELS[config.model.name].resizable if config.model.name in MODELS else True)
+    identity = store.create_identity(output_metadata(config))
+    print(f"Created index {store.root}: {identity['model']} ({identity['image_size']}x{identity['image_size']}, dim "
+          f"{identity['dim']}), {identity['fingerprint']}, {identity['precision']}.")
+    if identity["weights"].startswith("STAND-IN"):
+        print(f"Note: {identity['weights']}.")
+    print(f"Next, every night: python -m pipeline.index update --index {store.root} --input MANIFEST_FOLDER_OR_GLOB")
+    return 0
+
+
+# --- update ---------------------------------------------------------------------------------------------------
+
+def _update_parser() -> argparse.ArgumentParser:
+    parser = build_parser("python -m pipeline.index update", "Make the index at --index match --input: embed what "
+                          "is new or changed, drop what left, retry what failed, with the model and preprocessing "
+                          "recorded by create. Resumes after a crash.", single_run=False)
+    parser.add_argument("--index", required=True, help=INDEX_HELP + " Made by python -m pipeline.index create.")
+    parser.add_argument("--run_size", type=positive_int, default=DEFAULT_RUN_SIZE,
+                        help="At most this many inputs per run; a crash costs at most one run. Default: %(default)s.")
+    parser.add_argument("--max_removed", type=RemovalLimit.parse, default=RemovalLimit.parse(DEFAULT_MAX_REMOVED),
+                        metavar="SHARE_OR_COUNT",
+                        help="Refuse (exit 2, nothing changed) an update that would remove more of the live ids than "
+                        "this: a share ('0.5', '50%%') or a count ('1000'). Default: %s." % DEFAULT_MAX_REMOVED)
+    return parser
+
+
+def recorded_defaults(identity: dict) -> dict:
+    """The option values an index was created with: an update repeats none of them."""
+    preprocess = json.loads(identity.get("preprocess") or "{}")
+    defaults = {"model": identity["model"], "model_handle": identity.get("handle"),
+                "image_size": int(identity["image_size"]),
+                "bfloat16": str(identity.get("precision", "")).startswith("bfloat16")}
+    if identity["model"] == CUSTOM_MODEL:
+        defaults["embedding_dim"] = int(identity["dim"])
+    for option, field in (("resize_mode", "resize_mode"), ("max_image_pixels", "max_pixels"),
+                          ("allow_truncated_images", "allow_truncated")):
+        if field in preprocess:
+            defaults[option] = preprocess[field]
+    return defaults
+
+
+def update(argv: Sequence[str]) -> int:
+    parser = _update_parser()
+    index = _index_arg(argv)
+    if index is None:
+        parser.parse_known_args(argv)  # names what is missing, exit 2
+    store = _store(index)
+    identity = store.identity()
+    if identity is None:
+        raise _not_an_index(store)
+    parser.set_defaults(**recorded_defaults(identity))
+    args, beam_args = parser.parse_known_args(argv)
+    refuse_unknown_args(parser, beam_args)
+    if args.model != identity["model"]:
+        raise IndexRefused(f"The index {store.root} holds vectors of {identity['model']} (index.json), not "
+                           f"{args.model}; use another --index (made with create) for {args.model}.")
+    config = config_from_args(parser, args)
+    configure_logging(config.verbose)
     if input_kind(config.input) == "tfrecord":
         parser.error("an index is built from folders, globs and manifests; embed TFRecord files with pipeline.run.")
-    embed = choose_engine(config, PipelineOptions(beam_args), MODELS.get(config.model.name))
-    config = dataclasses.replace(config, embed=embed)
-    metadata = output_metadata(config)
-    identity = store.identity()
-    if identity is not None:
-        differences = metadata_differences(identity, metadata)
-        if differences:
-            raise IndexRefused(
-                f"The index {store.root} holds vectors of another model or preprocessing ({'; '.join(differences)}). "
-                f"Use another --index for this model, or the model and options the index was made with."
-            )
-    with store.update_lock():
-        if identity is None:
-            store.create_identity(metadata)
-        entries = store.log()
-        for leftover in store.leftovers(entries):
-            print(f"Removing {leftover}: left by an update that did not finish.")
-            store.remove(leftover)
-        name = new_name()
-        counts = plan_update(store, name, config, beam_args, entries)
-        chunks = write_chunks(store, name, args.run_size)
-        print(f"Planned: {counts.new} new, {counts.updated} updated, {counts.unchanged} unchanged, {counts.removed} "
-              f"removed, {counts.retried} retried; {plural(counts.to_embed, 'input')} to embed in "
-              f"{plural(len(chunks), 'run')} of at most {args.run_size}.", flush=True)
-        embedded, failed = 0, counts.refused
-        for number, chunk in enumerate(chunks, start=1):
-            run_name = f"{name}-{number:05d}"
-            run_config = dataclasses.replace(config, input=chunk, output_dir=store.run_dir(run_name), overwrite=False,
-                                             skip_existing=())
-            print(f"Run {number}/{len(chunks)}: embedding {store.run_dir(run_name)} ...", flush=True)
-            report = run(run_config, beam_args, announce=False)
-            run_counts = report["counts"]
-            store.append({"kind": "run", "run": run_name, "update": name, "embedded": run_counts["embedded"],
-                          "errors": run_counts["errors"]})
-            embedded += run_counts["embedded"]
-            failed += run_counts["errors"]
-            print(f"Run {number}/{len(chunks)} finished: {run_counts['embedded']} embedded, {run_counts['errors']} "
-                  f"failed.", flush=True)
-        store.append({"kind": "update", "update": name, "input": config.input,
-                      "counts": {**dataclasses.asdict(counts), "embedded": embedded, "failed": failed}})
+    found = plan_input(config.input)
+    print(found.describe(config.input), flush=True)
+    if not found.inputs:
+        raise IndexRefused(f"--input {config.input} holds no {found.unit}: an update from it would remove every id "
+                           f"of the index. Nothing was changed; check --input (a manifest not written yet?).")
+    config = dataclasses.replace(config, embed=choose_engine(config, PipelineOptions(beam_args),
+                                                             MODELS.get(config.model.name)))
+    differences = metadata_differences(identity, output_metadata(config))
+    if differences:
+        raise IndexRefused(
+            f"The index {store.root} holds vectors of another model or preprocessing ({'; '.join(differences)}). "
+            f"Use another --index for this model, or the model and options the index was made with."
+        )
+    outcome = update_index(store, config, beam_args, args.run_size, args.max_removed,
+                           run=lambda chunk_config, chunk_args: run(chunk_config, chunk_args, announce=False),
+                           say=lambda text: print(text, flush=True))
+    counts, failed = outcome.counts, outcome.failed
     print(f"Index {store.root} updated: {counts.new} new, {counts.updated} updated, {counts.removed} removed, "
-          f"{counts.unchanged} unchanged, {failed} failed ({embedded} embedded in {plural(len(chunks), 'run')}).")
+          f"{counts.unchanged} unchanged, {failed} failed ({outcome.embedded} embedded in "
+          f"{plural(outcome.runs, 'run')}).")
     if failed:
-        print(f"Failures: {store.root}/runs/{name}-*/errors-*.parquet and {store.root}/updates/{name}/errors-*.parquet; "
-              f"the next update tries them again.")
+        print(f"Failures: {store.root}/runs/{outcome.name}-*/errors-*.parquet and "
+              f"{store.root}/updates/{outcome.name}/errors-*.parquet; the next update tries them again.")
     inputs = counts.new + counts.updated + counts.unchanged + counts.retried + counts.refused
     if config.max_error_rate is not None and inputs and failed / inputs > config.max_error_rate:
         print(f"error: {failed} of {inputs} inputs failed, more than --max_error_rate {config.max_error_rate}.",
@@ -107,26 +161,52 @@ def update(argv: Sequence[str]) -> int:
     return 0
 
 
+def _index_arg(argv: Sequence[str]) -> Optional[str]:
+    """--index's value, read before the full parse (its index.json supplies the other options' defaults)."""
+    for i, arg in enumerate(argv):
+        if arg == "--index" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--index="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+# --- status and snapshot --------------------------------------------------------------------------------------
+
+def _running_update(store: IndexStore) -> Optional[str]:
+    found = store.objects.read(store.path("locks", "update.json"))
+    try:
+        return json.loads(found.data)["update"] if found else None
+    except (ValueError, KeyError, TypeError):
+        return "(unreadable lease)"
+
+
 def status(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.index status", description="Print an index's state.")
-    parser.add_argument("--index", required=True)
+    parser.add_argument("--index", required=True, help=INDEX_HELP)
     parser.add_argument("--json", action="store_true", help="Print the state as one JSON object.")
     args = parser.parse_args(argv)
-    store = IndexStore(args.index.rstrip("/"))
+    store = _store(args.index)
     identity = store.identity()
     if identity is None:
-        raise IndexRefused(f"{store.root} is not an index (no index.json); create one with python -m pipeline.index "
-                           f"update --input ... --index {store.root}.")
-    state = index_status(store)
+        raise _not_an_index(store)
+    state = index_status(store, _running_update(store))
     if args.json:
         print(json.dumps({"index": store.root, "model": identity, **dataclasses.asdict(state)}, indent=2))
         return 0
     print(f"Index {store.root}")
     print(f"  model: {identity['model']} ({identity['image_size']}x{identity['image_size']}, dim {identity['dim']}), "
           f"{identity['fingerprint']}, {identity['precision']}")
+    if identity.get("weights", "").startswith("STAND-IN"):
+        print(f"  weights: {identity['weights']}")
     print(f"  runs: {state.runs} from {plural(state.updates, 'update')}; last update: {state.last_update or 'none'}")
     print(f"  live ids: {state.live_ids} ({state.embedded} embedded, {state.failed} failed)")
     print(f"  superseded vectors: {state.superseded_vectors}; removed ids: {state.removed_ids}")
+    if state.running_update:
+        print(f"  running now: update {state.running_update}")
+    if state.unfinished_updates:
+        print(f"  unfinished updates: {', '.join(state.unfinished_updates)} ({state.pending_vectors} vectors of "
+              f"their finished runs are kept; the next update continues from them)")
     print(f"  unfinished leftovers: {', '.join(state.leftovers) or 'none'}"
           + (" (removed by the next update)" if state.leftovers else ""))
     return 0
@@ -136,22 +216,23 @@ def snapshot(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.index snapshot", allow_abbrev=False,
                                      description="Write the current view (the latest vector of every live id, "
                                      "once) as one dataset, with a run's schema and metadata.")
-    parser.add_argument("--index", required=True)
+    parser.add_argument("--index", required=True, help=INDEX_HELP)
     parser.add_argument("--output", required=True)
     parser.add_argument("--overwrite", action="store_true", help="Replace an earlier snapshot in --output.")
     args, beam_args = parser.parse_known_args(argv)
     refuse_unknown_args(parser, beam_args)
     configure_logging(False)
-    store = IndexStore(args.index.rstrip("/"))
+    store = _store(args.index)
+    if store.identity() is None:
+        raise _not_an_index(store)
     entries = store.log()
-    if store.latest_update(entries) is None:
-        raise IndexRefused(f"{store.root} has no finished update yet: nothing to snapshot.")
     output = args.output.rstrip("/")
     replaced = earlier_results(output, args.overwrite)
+    view = WriteSnapshot(store, entries, output)
     prepare_output_dir(output, replaced)
     started = now_iso()
     with beam.Pipeline(options=PipelineOptions(beam_args)) as p:
-        _ = p | "Snapshot" >> WriteSnapshot(store, entries, output)
+        _ = p | "Snapshot" >> view
     summary = summarize_outputs(output)
     report = {"kind": "snapshot", "index": store.root, "log_entries": len(entries), "started_at": started,
               "finished_at": now_iso(), "counts": {"embedded": summary.embedded}, "versions": software_versions()}
@@ -161,7 +242,7 @@ def snapshot(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"update": update, "status": status, "snapshot": snapshot}
+COMMANDS = {"create": create, "update": update, "status": status, "snapshot": snapshot}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -171,9 +252,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (*PREFLIGHT_ERRORS, IndexRefused) as exc:
+    except (*PREFLIGHT_ERRORS, IndexRefused, LeaseBusy, UnsupportedStore) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (StoreError, IndexCorrupt, LeaseLost, CommitRefused) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"Interrupted: {argv[0]} stopped. What was committed is kept; run the same command again to continue.",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

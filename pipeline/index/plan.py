@@ -90,9 +90,9 @@ def plan_update(
 ) -> PlanCounts:
     """Writes updates/UPDATE/{live,todo,errors}-*.parquet and returns the counts."""
     folder = store.update_dir(update)
-    last = store.latest_update(list(entries))
+    last = store.latest_update(entries)
     live_files = [(0, path) for path in store.live_files(last)] if last else []
-    vector_files = [(run.seq, path) for run in store.committed_runs(list(entries)) for path in store.run_files(run)]
+    vector_files = [(run.seq, path) for run in store.committed_runs(entries) for path in store.run_files(run)]
     p = beam.Pipeline(options=PipelineOptions(list(beam_args)))
     inputs = p | "ReadInputs" >> ReadImageRefs(config.input, (), config.tfrecord_features)
     keyed = {
@@ -126,7 +126,7 @@ def write_chunks(store: IndexStore, update: str, run_size: int) -> list[str]:
     import pyarrow.parquet as pq
 
     folder = store.update_dir(update)
-    todo = sorted(m.path for m in FileSystems.match([FileSystems.join(folder, "todo-*.parquet")])[0].metadata_list)
+    todo = store.parquet_files(folder, "todo")
     chunks, pending, pending_rows = [], [], 0
 
     def flush():

@@ -42,19 +42,22 @@ class IndexStatus:
     live_ids: int  # ids in the input as of the last finished update
     embedded: int  # live ids with a vector: the current view
     failed: int  # live ids without a vector (their last attempt failed)
-    superseded_vectors: int  # committed vectors not in the current view
-    removed_ids: int  # ids with vectors that are no longer live
+    superseded_vectors: int  # vectors of finished updates not in the current view
+    removed_ids: int  # ids with vectors of finished updates that are no longer live
+    pending_vectors: int  # vectors of committed runs of an update that did not finish (the next one uses them)
     last_update: Optional[str]
-    leftovers: tuple
+    unfinished_updates: tuple  # updates that began and did not finish
+    running_update: Optional[str]  # the holder of the lease, if any
+    leftovers: tuple  # folders the next update removes
 
 
 def vector_files(store: IndexStore, entries: Sequence[LogEntry]) -> list[tuple]:
     """(seq, path) of every committed embeddings file, oldest run first."""
-    return [(run.seq, path) for run in store.committed_runs(list(entries)) for path in store.run_files(run)]
+    return [(run.seq, path) for run in store.committed_runs(entries) for path in store.run_files(run)]
 
 
 def _live_and_vectors(store: IndexStore, entries: Sequence[LogEntry]) -> tuple[pa.Table, pa.Table]:
-    last = store.latest_update(list(entries))
+    last = store.latest_update(entries)
     live = _pairs_table([(0, path) for path in store.live_files(last)]) if last else _pairs_table([])
     return live, _pairs_table(vector_files(store, entries))
 
@@ -66,25 +69,34 @@ def current_rows(store: IndexStore, entries: Sequence[LogEntry]) -> pa.Table:
     return live.select(["id", "uri"]).join(latest, ["id", "uri"], join_type="inner")
 
 
-def index_status(store: IndexStore) -> IndexStatus:
+def index_status(store: IndexStore, running_update: Optional[str] = None) -> IndexStatus:
+    """Counts of the committed state; what an update in progress (`running_update`) wrote is not counted."""
     entries = store.log()
     runs = store.committed_runs(entries)
     last = store.latest_update(entries)
+    finished = {e.body["update"] for e in entries if e.kind == "update"}
     live, vectors = _live_and_vectors(store, entries)
+    pending = _pairs_table(vector_files(store, [r for r in runs if r.body.get("update") not in finished]))
+    settled = _pairs_table(vector_files(store, [r for r in runs if r.body.get("update") in finished]))
     current = live.select(["id", "uri"]).join(vectors.group_by(["id", "uri"]).aggregate([]), ["id", "uri"],
                                               join_type="inner")
-    vector_ids = vectors.group_by(["id"]).aggregate([])
-    removed = vector_ids.join(live.select(["id"]), "id", join_type="left anti")
+    settled_current = live.select(["id", "uri"]).join(settled.group_by(["id", "uri"]).aggregate([]),
+                                                      ["id", "uri"], join_type="inner")
+    removed = settled.group_by(["id"]).aggregate([]).join(live.select(["id"]), "id", join_type="left anti")
+    begun = [e.body["update"] for e in entries if e.kind == "begin"]
     return IndexStatus(
         runs=len(runs),
-        updates=sum(1 for e in entries if e.kind == "update"),
+        updates=len(finished),
         live_ids=live.num_rows,
         embedded=current.num_rows,
         failed=live.num_rows - current.num_rows,
-        superseded_vectors=vectors.num_rows - current.num_rows,
+        superseded_vectors=settled.num_rows - settled_current.num_rows,
         removed_ids=removed.num_rows,
+        pending_vectors=pending.num_rows,
         last_update=last.body["committed_at"] if last else None,
-        leftovers=tuple(store.leftovers(entries)),
+        unfinished_updates=tuple(u for u in begun if u not in finished and u != running_update),
+        running_update=running_update,
+        leftovers=tuple(store.leftovers(entries, keep_update=running_update)),
     )
 
 
@@ -118,11 +130,16 @@ def _current(id_and_groups) -> list:
     return [Embedding(id_, uri, vector, digest)]
 
 
-def run_metadata(store: IndexStore, run: LogEntry) -> dict[str, str]:
-    """The embedding.* metadata of a committed run's files (without the prefix)."""
+def view_metadata(store: IndexStore, entries: Sequence[LogEntry]) -> dict[str, str]:
+    """The embedding.* metadata (without the prefix) of the latest committed run's files; without runs, what
+    index.json recorded at `create`, which is what every run's files carry."""
     import pyarrow.parquet as pq
 
-    with FileSystems.open(store.run_files(run)[0], compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    runs = store.committed_runs(entries)
+    files = store.run_files(runs[-1]) if runs else []
+    if not files:
+        return {k: str(v) for k, v in store.identity().items() if k not in ("format", "created_at")}
+    with FileSystems.open(files[0], compression_type=CompressionTypes.UNCOMPRESSED) as f:
         metadata = pq.ParquetFile(f).schema_arrow.metadata or {}
     return {k.decode()[len(METADATA_PREFIX):]: v.decode() for k, v in metadata.items()
             if k.decode().startswith(METADATA_PREFIX)}
@@ -133,11 +150,10 @@ class WriteSnapshot(beam.PTransform):
 
     def __init__(self, store: IndexStore, entries: Sequence[LogEntry], output_dir: str):
         super().__init__()
-        last = store.latest_update(list(entries))
-        runs = store.committed_runs(list(entries))
-        self._live = [(0, path) for path in store.live_files(last)]
+        last = store.latest_update(entries)
+        self._live = [(0, path) for path in store.live_files(last)] if last else []
         self._vectors = vector_files(store, entries)
-        self._metadata = run_metadata(store, runs[-1])
+        self._metadata = view_metadata(store, entries)
         self._output_dir = output_dir
 
     def expand(self, pbegin):

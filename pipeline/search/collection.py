@@ -125,7 +125,7 @@ def from_index(root: str) -> Collection:
 
     store = IndexStore(root.rstrip("/"))
     if store.identity() is None:
-        raise CollectionError(f"--index {root} is not an index made by python -m pipeline.index update.")
+        raise CollectionError(f"--index {root} is not an index (no index.json); make one with python -m pipeline.index create.")
     entries = store.log()
     keep = current_rows(store, entries)
     if not keep.num_rows:

@@ -1,0 +1,300 @@
+"""The few object-store operations an index's safety rests on, done the way the store guarantees them.
+
+Beam's FileSystems has no create-if-absent, no compare-and-swap and listings that may hide errors (a local
+glob skips folders it cannot read). The index's commit log, identity and lease go through this module:
+
+    read(path)                  -> Version (bytes, generation, the store's time of the write) or None if not found
+    create(path, data)          -> Version; Conflict when the object exists    (GCS ifGenerationMatch=0; local link)
+    replace(path, data, gen)    -> Version; Conflict when it changed since gen (GCS ifGenerationMatch; local flock)
+    delete(path, gen)           -> Conflict when it changed since gen
+    store_time(folder)          -> now, by the store's clock (a probe's write time), never this host's clock
+    children(folder), files(folder): honest listings: only "not found" is empty, every other error is raised
+
+Supported roots: local (or mounted) folders and gs://. Other schemes are refused: without a conditional
+create, two writers could both commit the same log entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import functools
+import os
+import shutil
+import uuid
+from typing import Iterator, Optional
+
+
+class Conflict(Exception):
+    """The object exists (create) or changed since the generation given (replace, delete)."""
+
+
+class UnsupportedStore(ValueError):
+    """A root on a store without conditional writes."""
+
+
+class StoreError(RuntimeError):
+    """The store failed an operation (refused, unreachable); the message names it. Never taken for "empty"."""
+
+
+def _reported(operation: str):
+    """Turns any failure but Conflict into a StoreError naming the operation and the path."""
+    def wrap(method):
+        @functools.wraps(method)
+        def call(self, path, *args):
+            try:
+                return method(self, path, *args)
+            except (Conflict, StoreError):
+                raise
+            except Exception as exc:
+                detail = " ".join(str(exc).split())[:300]
+                raise StoreError(f"{operation} {path} failed ({type(exc).__name__}: {detail}).") from exc
+        return call
+    return wrap
+
+
+@dataclasses.dataclass(frozen=True)
+class Version:
+    data: bytes
+    generation: str  # changes with every write; the token of compare-and-swap
+    written_at: float  # seconds since the epoch, by the store's clock
+
+
+def objects_for(root: str) -> "LocalObjects | GcsObjects":
+    if root.startswith("gs://"):
+        return GcsObjects()
+    if "://" in root:
+        raise UnsupportedStore(
+            f"An index needs a store with conditional writes (create-if-absent, compare-and-swap): local or "
+            f"mounted folders and gs://. {root.split('://', 1)[0]}:// is not supported; keep the index on gs:// "
+            f"or a local disk (the inputs it embeds may live anywhere)."
+        )
+    return LocalObjects()
+
+
+class LocalObjects:
+    """A local or mounted folder. Generations are inode + mtime: every write makes a new file."""
+
+    @staticmethod
+    def _version(fd: int, data: bytes) -> Version:
+        info = os.fstat(fd)
+        return Version(data, f"{info.st_ino}-{info.st_mtime_ns}", info.st_mtime_ns / 1e9)
+
+    @_reported("Reading")
+    def read(self, path: str) -> Optional[Version]:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            return self._version(f.fileno(), f.read())
+
+    def _write_new(self, path: str, data: bytes) -> str:
+        """Writes `data` completely under a fresh name beside `path`; returns that name."""
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        temporary = os.path.join(folder, f".tmp-{uuid.uuid4().hex}")
+        with open(temporary, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return temporary
+
+    @_reported("Writing")
+    def create(self, path: str, data: bytes) -> Version:
+        temporary = self._write_new(path, data)
+        try:
+            os.link(temporary, path)  # atomic, and fails when the name exists: nobody sees half a file
+        except FileExistsError:
+            raise Conflict(path) from None
+        finally:
+            os.unlink(temporary)
+        return self.read(path)
+
+    @contextlib.contextmanager
+    def _exclusive(self, path: str) -> Iterator[None]:
+        """Compare-and-swap of `path` among processes: a kernel lock on a file beside it (released on death)."""
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, ".cas"), "a") as guard:
+            fcntl.flock(guard.fileno(), fcntl.LOCK_EX)
+            yield
+
+    @_reported("Writing")
+    def replace(self, path: str, data: bytes, generation: str) -> Version:
+        with self._exclusive(path):
+            current = self.read(path)
+            if current is None or current.generation != generation:
+                raise Conflict(path)
+            os.replace(self._write_new(path, data), path)
+            return self.read(path)
+
+    @_reported("Deleting")
+    def delete(self, path: str, generation: str) -> None:
+        with self._exclusive(path):
+            current = self.read(path)
+            if current is None or current.generation != generation:
+                raise Conflict(path)
+            os.unlink(path)
+
+    @_reported("Writing a clock probe in")
+    def store_time(self, folder: str) -> float:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".clock-{uuid.uuid4().hex}")
+        with open(probe, "wb") as f:
+            written = os.fstat(f.fileno()).st_mtime_ns
+        os.unlink(probe)
+        return written / 1e9
+
+    @_reported("Listing")
+    def children(self, folder: str) -> list[str]:
+        """Names of the folders directly in `folder` (empty folders included)."""
+        try:
+            return sorted(e.name for e in os.scandir(folder) if e.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            return []
+
+    @_reported("Listing")
+    def files(self, folder: str) -> list[str]:
+        """Names of the files directly in `folder`, without temporary ones."""
+        try:
+            return sorted(e.name for e in os.scandir(folder) if e.is_file() and not e.name.startswith("."))
+        except FileNotFoundError:
+            return []
+
+    @_reported("Listing")
+    def is_empty(self, folder: str) -> bool:
+        try:
+            return not any(os.scandir(folder))
+        except FileNotFoundError:
+            return True
+
+    @_reported("Deleting")
+    def delete_tree(self, folder: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            shutil.rmtree(folder)
+
+
+def _split(path: str) -> tuple[str, str]:
+    bucket, _, name = path[len("gs://"):].partition("/")
+    return bucket, name
+
+
+def _prefix(folder: str) -> tuple[str, str]:
+    bucket, name = _split(folder.rstrip("/") + "/")
+    return bucket, name
+
+
+@functools.lru_cache(maxsize=2)
+def _gcs_client(endpoint: Optional[str]):
+    """The storage client Beam's own gs:// filesystem uses: the same credentials and project (one per endpoint,
+    which STORAGE_EMULATOR_HOST can change)."""
+    from apache_beam.io.gcp.gcsio import create_storage_client
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    return create_storage_client(PipelineOptions())
+
+
+class GcsObjects:
+    """gs://: generations and preconditions are GCS's own; times are the objects' `updated` (the store's clock).
+
+    The client retries conditional requests; a retried write whose first attempt landed answers 412, so a
+    Conflict is checked against what is there: our own bytes mean the write succeeded.
+    """
+
+    @property
+    def _client(self):
+        return _gcs_client(os.environ.get("STORAGE_EMULATOR_HOST"))
+
+    def _blob(self, path: str):
+        bucket, name = _split(path)
+        return self._client.bucket(bucket).blob(name)
+
+    @staticmethod
+    def _version(blob, data: bytes) -> Version:
+        return Version(data, str(blob.generation), blob.updated.timestamp())
+
+    @_reported("Reading")
+    def read(self, path: str) -> Optional[Version]:
+        from google.api_core.exceptions import NotFound, PreconditionFailed
+
+        bucket, name = _split(path)
+        for _ in range(5):
+            try:
+                blob = self._client.bucket(bucket).get_blob(name)
+                if blob is None:
+                    return None
+                data = blob.download_as_bytes(if_generation_match=blob.generation)
+                return self._version(blob, data)
+            except (NotFound, PreconditionFailed):  # replaced or deleted between metadata and media: read again
+                continue
+        raise Conflict(f"{path} kept changing while it was read")
+
+    def _upload(self, path: str, data: bytes, generation: int) -> Version:
+        from google.api_core.exceptions import NotFound, PreconditionFailed
+
+        blob = self._blob(path)
+        try:
+            blob.upload_from_string(data, content_type="application/json", if_generation_match=generation)
+        except (PreconditionFailed, NotFound):
+            current = self.read(path)
+            if current is not None and current.data == data and current.generation != str(generation):
+                return current  # a retry of our own write that had landed
+            raise Conflict(path) from None
+        return self._version(blob, data)
+
+    @_reported("Writing")
+    def create(self, path: str, data: bytes) -> Version:
+        return self._upload(path, data, 0)
+
+    @_reported("Writing")
+    def replace(self, path: str, data: bytes, generation: str) -> Version:
+        return self._upload(path, data, int(generation))
+
+    @_reported("Deleting")
+    def delete(self, path: str, generation: str) -> None:
+        from google.api_core.exceptions import NotFound, PreconditionFailed
+
+        try:
+            self._blob(path).delete(if_generation_match=int(generation))
+        except (PreconditionFailed, NotFound):
+            raise Conflict(path) from None
+
+    @_reported("Writing a clock probe in")
+    def store_time(self, folder: str) -> float:
+        path = f"{folder.rstrip('/')}/.clock-{uuid.uuid4().hex}"
+        probe = self.create(path, b"")
+        with contextlib.suppress(Exception):  # a probe left behind is harmless: listings skip dot files
+            self.delete(path, probe.generation)
+        return probe.written_at
+
+    def _list(self, folder: str, delimiter: Optional[str]):
+        bucket, prefix = _prefix(folder)
+        pages = self._client.list_blobs(bucket, prefix=prefix, delimiter=delimiter)
+        blobs = list(pages)  # consumes every page; an error on any page is raised, never taken for "empty"
+        return prefix, blobs, pages.prefixes
+
+    @_reported("Listing")
+    def children(self, folder: str) -> list[str]:
+        prefix, _, prefixes = self._list(folder, "/")
+        return sorted(p[len(prefix):].rstrip("/") for p in prefixes)
+
+    @_reported("Listing")
+    def files(self, folder: str) -> list[str]:
+        prefix, blobs, _ = self._list(folder, "/")
+        return sorted(b.name[len(prefix):] for b in blobs if not b.name[len(prefix):].startswith("."))
+
+    @_reported("Listing")
+    def is_empty(self, folder: str) -> bool:
+        bucket, prefix = _prefix(folder)
+        return not list(self._client.list_blobs(bucket, prefix=prefix, max_results=1))
+
+    @_reported("Deleting")
+    def delete_tree(self, folder: str) -> None:
+        from google.api_core.exceptions import NotFound
+
+        _, blobs, _ = self._list(folder, None)
+        for blob in blobs:
+            with contextlib.suppress(NotFound):
+                blob.delete()
