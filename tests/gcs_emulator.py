@@ -29,6 +29,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        """A client killed with -9 mid-request is a scenario here, not an error worth a traceback."""
+
+
 @dataclasses.dataclass
 class Fault:
     pattern: str  # regex over "METHOD /unquoted/path?query"
@@ -46,7 +51,7 @@ class FakeGcs:
         self.faults: list[Fault] = []
         self._lock = threading.Lock()
         self.requests: list[str] = []
-        self._adapter = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._adapter = _Server(("127.0.0.1", 0), self._handler())
         self._adapter.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._adapter.server_address[1]}"
         self._upstream = ("127.0.0.1", _free_port())

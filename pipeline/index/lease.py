@@ -11,10 +11,10 @@ The lease only keeps honest updates out of each other's way; what makes a lost r
 
 from __future__ import annotations
 
-import _thread
 import dataclasses
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -167,8 +167,8 @@ class UpdateLease:
                                  f"({type(exc).__name__}: {exc}); it stopped, since another update may take over.")
                     break
         with self._ending:
-            if self.lost and not self._stop.is_set():
-                _thread.interrupt_main()
+            if self.lost and not self._stop.is_set():  # a real signal: it also ends a blocking wait
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
     def release(self) -> None:
         if self._holding is None or self.lost:
