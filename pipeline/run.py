@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -21,6 +22,7 @@ from apache_beam.runners.runner import PipelineState
 from pipeline.embed_pipeline import build_pipeline
 from pipeline.engine import EngineError, default_cache, planned_engine, resolve_engine, verified_artifact
 from pipeline.fingerprint import model_fingerprint
+from pipeline.interrupt import remove_partial_outputs, run_interruptibly, run_to_end
 from pipeline.models import MODELS
 from pipeline.options import DEFAULT_BATCH, JobConfig, parse_args
 from pipeline.outputs import RUN_REPORT, OutputDirError, earlier_results, prepare_output_dir, summarize_outputs
@@ -48,6 +50,7 @@ from pipeline.runtime import (
 from transforms.embed import EmbedConfig
 from transforms.source import SKIPPED_COUNTER, ManifestError, plan_input
 
+INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C
 # Errors that refuse a run before any work: exit code 2.
 PREFLIGHT_ERRORS = (ManifestError, OutputDirError, ModelCheckError, IncrementalRunError, EngineError)
 
@@ -103,8 +106,7 @@ def run(config: JobConfig, beam_args: Sequence[str], announce: bool = True) -> d
     p = beam.Pipeline(options=options)
     build_pipeline(p, config, metadata, display.directory if display else None)
     with display or contextlib.nullcontext(), collector_frozen():
-        result = p.run()
-        state = result.wait_until_finish()
+        result, state = run_interruptibly(lambda: run_to_end(p))
     if state not in (PipelineState.DONE, None):
         raise RuntimeError(f"The pipeline ended in state {state}.")
     finished = datetime.datetime.now(datetime.timezone.utc)
@@ -157,6 +159,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except PREFLIGHT_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        remove_partial_outputs(config.output_dir)
+        print(f"Interrupted: the run into {config.output_dir} stopped before it finished (no {RUN_REPORT}); its "
+              f"partial files were removed. Run the same command with --overwrite to start again.", file=sys.stderr)
+        return INTERRUPTED
     print_summary(report)
     if error_rate_exceeded(report, config.max_error_rate):
         counts = report["counts"]
@@ -166,5 +173,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def exit_with(code: int) -> None:
+    """Leaves the process; after Ctrl-C without waiting for the stopped pipeline's threads to wind down."""
+    if code == INTERRUPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -340,3 +340,31 @@ def test_kill_9_at_seeded_random_points_never_loses_doubles_or_breaks_anything(i
     assert store.leftovers(store.log()) == []
     check_index(index_root, tmp_path, live, mobilenet_handle)
     print(f"{len(kills)} kills at {kills} s; {finished} updates finished between them; {nights} nights")
+
+
+# --- Ctrl-C ------------------------------------------------------------------------------------------------------
+
+def test_ctrl_c_during_an_update_says_one_line_keeps_what_was_committed_and_the_rerun_completes(
+        tmp_path, mobilenet_handle):
+    root = str(tmp_path / "index")
+    paths = tiles(tmp_path / "imgs", 40)
+    new_index(root, mobilenet_handle)
+    store = IndexStore(root)
+    command = [sys.executable, "-m", "pipeline.index", "update", "--index", root, "--input", str(tmp_path / "imgs"),
+               "--run_size", "8", "--progress_interval=0"]  # runs in worker processes, as by default
+    process = subprocess.Popen(command, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not (store.objects.files(store.path("log")) and store.committed_runs(store.log())):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.1)
+    os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert err.splitlines() == ["Interrupted: update stopped; what it had committed is kept and its unfinished run "
+                                "removed. Run the same command again to continue."]
+    committed = store.committed_runs(store.log())
+    assert sorted(os.listdir(os.path.join(root, "runs"))) == sorted(r.body["run"] for r in committed)
+    assert not store.objects.read(store.path("locks", "update.json"))
+    assert update(root, "--input", str(tmp_path / "imgs")) == 0
+    assert sorted(check_index(root, tmp_path).column("uri").to_pylist()) == sorted(paths)

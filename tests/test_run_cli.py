@@ -1,12 +1,14 @@
 """The command line: documented options, and clear errors before any work starts."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-from helpers import REPO, SAMPLES, read_embeddings, read_errors, run_pipeline
+from helpers import REPO, SAMPLES, read_embeddings, read_errors, run_pipeline, tiles
 from pipeline.options import build_parser
 
 
@@ -139,3 +141,23 @@ def test_an_unfinished_run_is_not_accepted_as_an_earlier_output(tmp_path, capsys
                         mobilenet_handle, "--skip_existing", str(first))
     assert code == 2 and "is not a finished run (no run_report.json)" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "second")
+
+
+def test_ctrl_c_during_a_run_says_one_line_leaves_no_partial_files_and_exits_130(tmp_path, mobilenet_handle):
+    tiles(tmp_path / "imgs", 60)
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "pipeline.run", "--input", str(tmp_path / "imgs"), "--output",
+                                str(out), "--model_handle", mobilenet_handle, "--progress_interval=0",
+                                "--batch_size=1"], cwd=REPO, start_new_session=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not list(out.glob("beam-temp-*/*")):  # the sinks are writing
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole process group
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert err.splitlines() == [f"Interrupted: the run into {out} stopped before it finished (no run_report.json); "
+                                f"its partial files were removed. Run the same command with --overwrite to start "
+                                f"again."]
+    assert not list(out.glob("beam-temp-*")) and not (out / "run_report.json").exists()

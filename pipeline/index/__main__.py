@@ -33,7 +33,7 @@ from pipeline.options import build_parser, config_from_args, positive_int, refus
 from pipeline.outputs import RUN_REPORT, earlier_results, prepare_output_dir, summarize_outputs
 from pipeline.preflight import check_model, metadata_differences, output_metadata
 from pipeline.report import software_versions
-from pipeline.run import PREFLIGHT_ERRORS, choose_engine, run
+from pipeline.run import INTERRUPTED, PREFLIGHT_ERRORS, choose_engine, exit_with, run
 from pipeline.runtime import configure_logging
 from transforms.records import plural
 from transforms.source import input_kind, plan_input
@@ -259,10 +259,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"Interrupted: {argv[0]} stopped. What was committed is kept; run the same command again to continue.",
-              file=sys.stderr)
-        return 130
+        print(f"Interrupted: {argv[0]} stopped; what it had committed is kept and its unfinished run removed. Run "
+              f"the same command again to continue.", file=sys.stderr)
+        return INTERRUPTED
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

@@ -20,6 +20,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.index.store import IndexStore, LogEntry
+from pipeline.interrupt import run_interruptibly, run_to_end
 from pipeline.options import JobConfig
 from transforms.records import FAILED
 from transforms.sink import WriteErrors
@@ -107,8 +108,7 @@ def plan_update(
     _ = plan.todo | "WriteTodo" >> _write_pairs(FileSystems.join(folder, "todo"))
     refused = inputs[FAILED] | "CountRefused" >> beam.Map(_count_refused)
     _ = refused | "WriteRefused" >> WriteErrors(folder)
-    result = p.run()
-    result.wait_until_finish()
+    result, _ = run_interruptibly(lambda: run_to_end(p))
     found = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
     totals = {kind: 0 for kind in (*KINDS, "refused")}
     for metric in found:

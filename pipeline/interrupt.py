@@ -1,0 +1,113 @@
+"""Ctrl-C during a pipeline: the launcher takes it alone, stops the workers it started, and says one line.
+
+A terminal sends SIGINT to every process of the foreground group, so DirectRunner's worker processes would
+each die with their own traceback. `run_interruptibly` runs the pipeline in a thread that blocks SIGINT; a
+blocked signal mask is inherited by the threads and processes it starts, so only the waiting main thread
+ever sees Ctrl-C. On KeyboardInterrupt the worker processes started meanwhile are killed before it is
+re-raised, so the caller can remove partial outputs that nothing writes to any more.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+PARTIAL_PREFIX = "beam-temp-"  # Beam's file sinks write here first and rename on success
+
+
+def _descendants() -> set[int]:
+    """Pids of every process below this one (from /proc; empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return set()
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(pid)
+    found, todo = set(), [os.getpid()]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _silent(args) -> None:
+    """An exception of a thread left behind by an interrupted pipeline: expected, not worth a traceback."""
+
+
+def run_interruptibly(work: Callable[[], T]) -> T:
+    """work(), run so that Ctrl-C reaches only this thread; its worker processes are killed if it comes."""
+    if threading.current_thread() is not threading.main_thread():
+        return work()
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["value"] = work()
+        except BaseException as exc:  # handed to the waiting thread as is
+            outcome["error"] = exc
+
+    before = _descendants()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        thread = threading.Thread(target=target, name="pipeline", daemon=True)
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    try:
+        while thread.is_alive():
+            thread.join(0.2)
+    except KeyboardInterrupt:
+        threading.excepthook = _silent  # Beam's threads that watched the killed workers fail now: expected
+        for pid in _descendants() - before:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def run_to_end(pipeline) -> tuple:
+    """(result, final state) of a Beam pipeline run to its end."""
+    result = pipeline.run()
+    return result, result.wait_until_finish()
+
+
+def remove_partial_outputs(folder: str) -> list[str]:
+    """Deletes the beam-temp-* folders a stopped sink left in `folder`; returns what it removed."""
+    from apache_beam.io.filesystems import FileSystems
+
+    if "://" not in folder:  # local: empty temporary folders too, which no file pattern matches
+        import glob
+        import shutil
+
+        found = sorted(glob.glob(os.path.join(glob.escape(folder), PARTIAL_PREFIX + "*")))
+        for path in found:
+            shutil.rmtree(path, ignore_errors=True)
+        return found
+    pattern = FileSystems.join(folder, PARTIAL_PREFIX + "*", "*")
+    try:
+        files = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+    except Exception:  # nothing there, or nothing readable: nothing to remove
+        return []
+    if files:
+        FileSystems.delete(files)
+    folders = sorted({path.rsplit("/", 1)[0] for path in files})
+    for path in folders:
+        if FileSystems.exists(path):
+            FileSystems.delete([path])
+    return folders
