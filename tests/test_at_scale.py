@@ -35,7 +35,7 @@ def _requirements():
 
 
 def _documented_commands():
-    """Every `python -m pipeline.run` / `pipeline.index update` command in the README's code blocks."""
+    """Every `python -m pipeline.run` / `pipeline.index create|update` command in the README's code blocks."""
     blocks, inside, current = [], False, []
     for line in README.splitlines():
         if line.startswith("```"):
@@ -49,7 +49,8 @@ def _documented_commands():
         text = re.sub(r"\\\n\s*", " ", block)
         for line in text.splitlines():
             line = re.sub(r"\s+#.*$", "", line.strip())
-            if line.startswith(("python -m pipeline.run ", "python -m pipeline.index update ")):
+            if line.startswith(("python -m pipeline.run ", "python -m pipeline.index update ",
+                                "python -m pipeline.index create ")):
                 commands.append(line)
     return commands
 
@@ -65,11 +66,13 @@ def test_the_readme_documents_commands_for_every_runner():
 def test_every_documented_command_parses_with_beams_own_option_classes(command):
     optional_parts_dropped = re.sub(r"\s\[[^\]]*\]", "", command)  # [--run_size N] and [Beam options]
     words = ["PLACEHOLDER" if w == "..." else w for w in shlex.split(optional_parts_dropped)]
-    prog = "pipeline.index update" if "pipeline.index" in command else "pipeline.run"
-    parser = build_parser(single_run=prog == "pipeline.run")
+    prog = " ".join(words[2:4]) if "pipeline.index" in command else "pipeline.run"
+    parser = build_parser(single_run=prog == "pipeline.run", with_input=prog != "pipeline.index create")
     if prog != "pipeline.run":
-        parser.add_argument("--index")
+        parser.add_argument("--index", required=True)
+    if prog == "pipeline.index update":
         parser.add_argument("--run_size")
+        parser.add_argument("--max_removed")
     args, beam_args = parser.parse_known_args(words[4 if prog != "pipeline.run" else 3:])
     refuse_unknown_args(parser, beam_args)  # exits 2 on a flag neither this project nor Beam 2.77 knows
     options = PipelineOptions(beam_args)
@@ -133,6 +136,7 @@ def test_a_mirror_has_the_models_fingerprint_and_continues_its_indexes(tmp_path,
     images = tmp_path / "imgs"
     images.mkdir()
     (images / "a.png").write_bytes(encode(photo("rocket")[:64, :64], "PNG"))
+    assert index_main(["create", "--index", str(tmp_path / "index"), "--model_handle", str(destination)]) == 0
     for handle in (mobilenet_handle, str(destination)):
         assert index_main(["update", "--input", str(images), "--index", str(tmp_path / "index"), "--model_handle",
                            handle, "--direct_running_mode=in_memory"]) == 0

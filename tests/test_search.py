@@ -283,6 +283,28 @@ def test_an_existing_index_is_kept_unless_overwrite(corpus, tmp_path, capsys):
     assert search(["build", "--embeddings", files, "--output", target, "--overwrite"]) == 0
 
 
+def test_overwrite_publishes_the_new_pair_in_one_step_and_a_reader_never_mixes_two_builds(corpus, tmp_path,
+                                                                                       monkeypatch):
+    from pipeline.search import store as search_store
+
+    target = tmp_path / "idx"
+    files = os.path.join(corpus["run"], "embeddings-*.parquet")
+    assert search(["build", "--embeddings", files, "--output", str(target)]) == 0
+    old = json.loads((target / "search.json").read_text())
+    assert search(["build", "--embeddings", files, "--output", str(target), "--overwrite"]) == 0
+    new = json.loads((target / "search.json").read_text())
+    assert new["files"] != old["files"]
+    assert sorted(os.listdir(target)) == sorted(["search.json", *new["files"].values()])  # the old pair is gone
+    opened = search_store.open_search_index(str(target))
+    assert opened.items.num_rows == opened.vectors.count == new["count"]
+    monkeypatch.setattr(search_store, "_read_manifest", lambda path: old)  # a reader that read search.json before
+    with pytest.raises(search_store.SearchIndexError, match="rebuilt while it was being opened"):
+        search_store.open_search_index(str(target))
+    monkeypatch.setattr(search_store, "_read_manifest", lambda path: {**new, "count": new["count"] + 1})
+    with pytest.raises(search_store.SearchIndexError, match="does not add up"):
+        search_store.open_search_index(str(target))
+
+
 def test_mistakes_get_clear_messages(corpus, tmp_path, capsys):
     assert search(["build", "--embeddings", corpus["run"], "--output", str(tmp_path / "x")]) == 2
     assert "is a folder: pass its files" in capsys.readouterr().err
@@ -305,6 +327,7 @@ def test_build_from_an_index_root_uses_its_current_view(corpus, tmp_path):
         assert index_main(["update", "--input", str(images), "--index", root, *model,
                            "--direct_running_mode=in_memory", "--progress_interval=0"]) == 0
 
+    assert index_main(["create", "--index", root, *model]) == 0
     update()
     (images / "copy-identical.jpg").unlink()  # removed from the corpus
     (images / "new.jpg").write_bytes(encode(corpus["tiles"]["chelsea-a.jpg"], "JPEG", quality=70))  # added
