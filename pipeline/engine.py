@@ -136,6 +136,13 @@ def describe(config: EmbedConfig) -> str:
     return f"tensorflow {version('tensorflow')}"
 
 
+def refuse_incompatible(requested: str, bfloat16: bool) -> None:
+    """Checked before any compiled model is looked up: what a run records must be what it ran."""
+    if bfloat16 and requested == "litert":
+        raise EngineError("--bfloat16 is a TensorFlow (oneDNN) mode and does not apply to --engine litert; "
+                          "drop one of the two.")
+
+
 def resolve_engine(embed: EmbedConfig, requested: str, model_name: str, fingerprint: str, cache: str,
                    reference: Callable[[], HubEmbedder]) -> tuple[EmbedConfig, Optional[str]]:
     """The EmbedConfig with the engine to use, and a one-line note when `auto` had to choose otherwise.
@@ -147,10 +154,8 @@ def resolve_engine(embed: EmbedConfig, requested: str, model_name: str, fingerpr
         raise EngineError(f"--engine {requested} is not one of {', '.join(ENGINES)}.")
     if planned_engine(requested, model_name, bfloat16=False) == "tensorflow":
         return dataclasses.replace(embed, engine="tensorflow", compiled=None), None
+    refuse_incompatible(requested, embed.bfloat16)
     if embed.bfloat16:
-        if requested == "litert":
-            raise EngineError("--bfloat16 is a TensorFlow (oneDNN) mode and does not apply to --engine litert; "
-                              "drop one of the two.")
         return dataclasses.replace(embed, engine="tensorflow"), "note: --bfloat16 runs on TensorFlow, not LiteRT."
     try:
         path = compile_litert(reference(), embed.image_size, fingerprint, cache)

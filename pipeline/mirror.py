@@ -1,6 +1,6 @@
 """Mirror a model once to a place workers can read without the hub: a local folder or an object store.
 
-    python -m pipeline.models mirror HANDLE DEST
+    python -m pipeline.mirror HANDLE DEST
 
 Copies every file of the SavedModel (a hub URL is downloaded and unpacked by tensorflow_hub first), then
 checks that the copy has the source's content fingerprint and records it in DEST/mirror.json. Runs with
@@ -40,3 +40,21 @@ def mirror_model(handle: str, destination: str) -> str:
     with FileSystems.create(FileSystems.join(destination, MIRROR_RECORD)) as f:
         f.write(json.dumps({"source": handle, "fingerprint": expected}, indent=2).encode("utf-8"))
     return expected
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.mirror",
+                                     description="Copy a model once to a folder or bucket that workers can read.")
+    parser.add_argument("handle", help="A hub URL, a gs:// path or a local SavedModel folder.")
+    parser.add_argument("destination", help="A local folder or an object-store path (gs://BUCKET/models/NAME).")
+    args = parser.parse_args(argv)
+    fingerprint = mirror_model(args.handle, args.destination)
+    print(f"Mirrored {args.handle} to {args.destination} ({fingerprint}). Pass --model_handle {args.destination}; "
+          f"runs from it continue indexes made from {args.handle}.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -161,28 +161,18 @@ def handle_available(handle: str, timeout_s: float = 5.0) -> bool:
 
 
 def main(argv=None) -> int:
-    """`python -m pipeline.models available MODEL` (exit 0 when its hub handle answers) or `mirror HANDLE DEST`."""
+    """`python -m pipeline.models available MODEL`: exit 0 when the model's hub handle can be reached."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.models", description="Model registry commands.")
     commands = parser.add_subparsers(dest="command", required=True)
     available = commands.add_parser("available", help="Exit 0 when MODEL's default handle can be reached.")
     available.add_argument("model", choices=sorted(MODELS))
-    mirror = commands.add_parser("mirror", help="Copy a model once to a folder or bucket that workers can read.")
-    mirror.add_argument("handle", help="A hub URL, a gs:// path or a local SavedModel folder.")
-    mirror.add_argument("destination", help="A local folder or an object-store path (gs://BUCKET/models/NAME).")
     args = parser.parse_args(argv)
-    if args.command == "available":
-        handle = MODELS[args.model].handle
-        reachable = handle_available(handle)
-        print(handle if reachable else f"unreachable: {handle}")
-        return 0 if reachable else 1
-    from pipeline.mirror import mirror_model
-
-    fingerprint = mirror_model(args.handle, args.destination)
-    print(f"Mirrored {args.handle} to {args.destination} ({fingerprint}). Pass --model_handle {args.destination}; "
-          f"runs from it continue indexes made from {args.handle}.")
-    return 0
+    handle = MODELS[args.model].handle
+    reachable = handle_available(handle)
+    print(handle if reachable else f"unreachable: {handle}")
+    return 0 if reachable else 1
 
 
 if __name__ == "__main__":

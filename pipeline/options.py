@@ -83,7 +83,7 @@ def build_parser(
     """The options of one embedding run; `single_run=False` leaves out where its output goes (the index decides),
     `with_input=False` what it reads (an index's `create` records only the model and preprocessing)."""
     models = ", ".join(f"{m.name} ({m.input_size}x{m.input_size}, {m.dim}-dim)" for m in MODELS.values())
-    parser = argparse.ArgumentParser(
+    parser = ShortErrorParser(
         prog=prog,
         description=description,
         epilog="Every other flag is a Beam pipeline option and is passed through "
@@ -220,6 +220,31 @@ def _beam_parser():
     return parser
 
 
+class ShortErrorParser(argparse.ArgumentParser):
+    """A mistake gets its one-line error and a pointer to --help, not a screen of usage above it."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n(all options: {self.prog} --help)\n")
+
+
+def parse_known(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> tuple:
+    """(args, Beam args). A flag neither this project nor Beam knows is refused, with the nearest known one,
+    before a missing required flag is: `--inptu x` is a typo of --input, not a missing --input."""
+    required = [action for action in parser._actions if action.required]
+    for action in required:
+        action.required = False
+    try:
+        args, beam_args = parser.parse_known_args(argv)
+    finally:
+        for action in required:
+            action.required = True
+    refuse_unknown_args(parser, beam_args)
+    missing = [action.option_strings[0] for action in required if getattr(args, action.dest) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join(missing)}")
+    return args, beam_args
+
+
 def refuse_unknown_args(parser: argparse.ArgumentParser, beam_args: Sequence[str]) -> None:
     """Beam only logs and drops flags it cannot parse; a typo here must stop the run (exit 2) instead."""
     beam_parser = _beam_parser()
@@ -237,8 +262,7 @@ def refuse_unknown_args(parser: argparse.ArgumentParser, beam_args: Sequence[str
 def parse_args(argv: Optional[Sequence[str]] = None) -> tuple[JobConfig, list[str]]:
     """Returns the job's config and the remaining (Beam) arguments; bad options exit with a message."""
     parser = build_parser()
-    args, beam_args = parser.parse_known_args(argv)
-    refuse_unknown_args(parser, beam_args)
+    args, beam_args = parse_known(parser, argv)
     return config_from_args(parser, args), beam_args
 
 

@@ -21,7 +21,7 @@ from pipeline.models import handle_available
 from pipeline.options import JobConfig
 from pipeline.outputs import RUN_REPORT, is_finished_run, summarize_outputs
 from pipeline.standin_models import STANDIN_WARNING, standin_info
-from transforms.embed import EmbedConfig, HubEmbedder, load_embedder
+from transforms.embed import EmbedConfig, HubEmbedder, ModelOutputError, load_embedder
 
 # Said wherever a model cannot be had: how to run without a route to the hub.
 OFFLINE_HINT = (
@@ -67,6 +67,14 @@ def check_compiled(config: EmbedConfig) -> None:
     """A verified compiled model, checked the cheap way: one probe batch through LiteRT gives [n, dim]."""
     try:
         load_embedder(config)(np.full((1, config.image_size, config.image_size, 3), 128, np.uint8))
+    except ModelOutputError as exc:
+        returned = getattr(exc, "returned", ())
+        if len(returned) == 2:
+            raise ModelCheckError(f"The model outputs {returned[1]}-dim vectors, not --embedding_dim "
+                                  f"{config.dim}: pass --embedding_dim {returned[1]} (the compiled model "
+                                  f"{config.compiled} is fine).") from None
+        raise ModelCheckError(f"The compiled model {config.compiled} is not usable: {_first_sentence(exc)}. "
+                              f"Delete it to compile again, or pass --engine tensorflow.") from None
     except Exception as exc:
         raise ModelCheckError(f"The compiled model {config.compiled} is not usable: {_first_sentence(exc)}. "
                               f"Delete it to compile again, or pass --engine tensorflow.") from None
@@ -85,17 +93,31 @@ def check_model(config: EmbedConfig, resizable: bool = True) -> HubEmbedder:
     side = config.image_size
     if sizes and (side, side) not in sizes and (None, None) not in sizes:
         accepted = " or ".join(f"{h or 'any'}x{w or 'any'}" for h, w in sorted(sizes, key=str))
-        fix = (f"pass --image_size {sorted(sizes, key=str)[0][0]}" if resizable
-               else "pass --model custom with that --image_size and the model's --embedding_dim")
+        fixed = sorted(h for h, w in sizes if h and h == w)
         raise ModelCheckError(
-            f"The model at {handle} accepts {accepted} images, not {side}x{side}: {fix}, or the handle of a "
-            f"model that takes {side}x{side}."
+            f"The model at {handle} accepts {accepted} images, not {side}x{side}: "
+            f"{_what_fits(embedder, fixed[0]) if fixed else 'pass --model custom with its --image_size'}."
         )
     try:
         embedder(np.full((1, side, side, 3), 128, np.uint8))
+    except ModelOutputError:
+        raise ModelCheckError(f"The model at {handle} is not {config.dim}-dim: {_what_fits(embedder, side)}.") \
+            from None
     except Exception as exc:
         raise ModelCheckError(f"Model handle {handle} is not a usable feature-vector model: {_first_sentence(exc)}") from None
     return embedder
+
+
+def _what_fits(embedder: HubEmbedder, side: int) -> str:
+    """Advice that works: the registry model with this input size and the dim the model really returns."""
+    from pipeline.models import CUSTOM_MODEL, MODELS
+
+    dim = embedder.output_dim(side)
+    custom = f"--model {CUSTOM_MODEL} --image_size {side} --embedding_dim {dim}"
+    fitting = [m.name for m in MODELS.values() if m.dim == dim and (m.input_size == side or m.resizable)]
+    if fitting:
+        return f"it takes {side}x{side} images to {dim}-dim vectors, as {fitting[0]} does: pass --model {fitting[0]}"
+    return f"it takes {side}x{side} images to {dim}-dim vectors, as no registry model does: pass {custom}"
 
 
 def _first_sentence(exc: BaseException) -> str:

@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import datetime
 import json
-import os
 import sys
 from typing import Optional, Sequence
 
@@ -20,9 +19,16 @@ from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOpt
 from apache_beam.runners.runner import PipelineState
 
 from pipeline.embed_pipeline import build_pipeline
-from pipeline.engine import EngineError, default_cache, planned_engine, resolve_engine, verified_artifact
+from pipeline.engine import (
+    EngineError,
+    default_cache,
+    planned_engine,
+    refuse_incompatible,
+    resolve_engine,
+    verified_artifact,
+)
 from pipeline.fingerprint import model_fingerprint
-from pipeline.interrupt import remove_partial_outputs, run_interruptibly, run_to_end
+from pipeline.interrupt import INTERRUPTED, exit_with, remove_partial_outputs, run_interruptibly, run_to_end
 from pipeline.models import MODELS
 from pipeline.options import DEFAULT_BATCH, JobConfig, parse_args
 from pipeline.outputs import RUN_REPORT, OutputDirError, earlier_results, prepare_output_dir, summarize_outputs
@@ -50,7 +56,6 @@ from pipeline.runtime import (
 from transforms.embed import EmbedConfig
 from transforms.source import SKIPPED_COUNTER, ManifestError, plan_input
 
-INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C
 # Errors that refuse a run before any work: exit code 2.
 PREFLIGHT_ERRORS = (ManifestError, OutputDirError, ModelCheckError, IncrementalRunError, EngineError)
 
@@ -63,6 +68,7 @@ def choose_engine(config: JobConfig, options: PipelineOptions, registry) -> Embe
 
 
 def _settle_engine(config: JobConfig, options: PipelineOptions, registry) -> EmbedConfig:
+    refuse_incompatible(config.engine, config.embed.bfloat16)
     check_handle(config.model.handle)
     fingerprint = model_fingerprint(config.model.handle)
     cache = config.compiled_cache or default_cache(options.view_as(GoogleCloudOptions).temp_location)
@@ -171,15 +177,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{config.max_error_rate}.", file=sys.stderr)
         return 3
     return 0
-
-
-def exit_with(code: int) -> None:
-    """Leaves the process; after Ctrl-C without waiting for the stopped pipeline's threads to wind down."""
-    if code == INTERRUPTED:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
 
 
 if __name__ == "__main__":

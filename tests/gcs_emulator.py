@@ -64,7 +64,7 @@ class FakeGcs:
         deadline = time.monotonic() + 30
         while True:
             try:
-                status, _, _ = self._forward("POST", f"/storage/v1/b?project=test", {"Content-Type": "application/json"},
+                status, _, _ = self._forward("POST", "/storage/v1/b?project=test", {"Content-Type": "application/json"},
                                              json.dumps({"name": bucket}).encode())
                 assert status == 200, status
                 break

@@ -98,12 +98,13 @@ class WebServer(_Running):
     /missing.jpg 404                                /slow.jpg     headers, then nothing for 1 s
     /busy.jpg    429 with Retry-After: 1, then ok   /timeout.jpg  408 once, then ok
     /trickle.jpg the image, one byte every 50 ms    /always503.jpg 503 forever
+    /short.jpg   announces more bytes than it sends and closes, once; then the image
     """
 
     def __init__(self, image: bytes):
         self.hits: dict = {}
         self.times: dict = {}
-        self.failures_left = {"/flaky.jpg": 2, "/reset.jpg": 1, "/busy.jpg": 1, "/timeout.jpg": 1}
+        self.failures_left = {"/flaky.jpg": 2, "/reset.jpg": 1, "/busy.jpg": 1, "/timeout.jpg": 1, "/short.jpg": 1}
         self.in_flight = 0
         self.max_in_flight = 0
         self.delay_s = 0.0
@@ -138,6 +139,13 @@ class WebServer(_Running):
                     self.send_body(408, b"", "text/plain", [("Connection", "close")])
                 elif (failing and path == "/flaky.jpg") or path == "/always503.jpg":
                     self.send_body(503, b"", "text/plain")
+                elif failing and path == "/short.jpg":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(2 * len(image)))
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    self.wfile.write(image)
+                    self.close_connection = True
                 elif path == "/missing.jpg":
                     self.send_body(404, b"not here", "text/plain")
                 elif path == "/slow.jpg":
@@ -155,5 +163,25 @@ class WebServer(_Running):
                         time.sleep(0.05)
                 else:
                     self.send_body(200, image, "image/jpeg", [("Date", email.utils.formatdate(usegmt=True))])
+
+        super().__init__(Handler)
+
+
+class ForwardProxy(_Running):
+    """An http proxy: answers every absolute-form GET with `image`, refuses every CONNECT (502); records both."""
+
+    def __init__(self, image: bytes):
+        self.seen: list = []
+        proxy = self
+
+        class Handler(_Quiet):
+            def do_GET(self):
+                proxy.seen.append(f"GET {self.path}")
+                self.send_body(200, image, "image/jpeg")
+
+            def do_CONNECT(self):
+                proxy.seen.append(f"CONNECT {self.path}")
+                self.send_body(502, b"", "text/plain", [("Connection", "close")])
+                self.close_connection = True
 
         super().__init__(Handler)

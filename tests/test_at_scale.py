@@ -124,7 +124,7 @@ def test_the_dockerfiles_start_from_the_sdk_of_this_beam_and_python_and_boot_bea
 
 def test_a_mirror_has_the_models_fingerprint_and_continues_its_indexes(tmp_path, mobilenet_handle):
     destination = tmp_path / "bucket" / "models" / "mobilenet"
-    result = subprocess.run([sys.executable, "-m", "pipeline.models", "mirror", mobilenet_handle, str(destination)],
+    result = subprocess.run([sys.executable, "-m", "pipeline.mirror", mobilenet_handle, str(destination)],
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     fingerprint = model_fingerprint(mobilenet_handle)

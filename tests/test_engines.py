@@ -224,6 +224,23 @@ def test_bfloat16_runs_on_tensorflow_and_says_so(tmp_path, mobilenet_handle):
         resolve_engine(config, "litert", MOBILENET.name, fingerprint, str(tmp_path), _never_loaded)
 
 
+def test_a_compiled_model_in_the_cache_changes_no_refusal_and_a_wrong_dim_is_named(tmp_path, mobilenet_handle,
+                                                                                    capsys):
+    cache = str(tmp_path / "cache")
+    config = _mobilenet(mobilenet_handle)
+    embed, _ = resolve_engine(config, "litert", MOBILENET.name, model_fingerprint(mobilenet_handle), cache,
+                              lambda: HubEmbedder(config))  # compiled and verified: later runs skip TensorFlow
+    common = ["--input", os.path.join(REPO, "samples"), "--model_handle", mobilenet_handle, "--compiled_cache", cache]
+    assert run_pipeline(*common, "--output", str(tmp_path / "a"), "--engine", "litert", "--bfloat16") == 2
+    assert "does not apply to --engine litert" in capsys.readouterr().err
+    assert run_pipeline(*common, "--output", str(tmp_path / "b"), "--engine", "litert", "--model", "custom",
+                        "--image_size", str(MOBILENET.input_size), "--embedding_dim", "1000") == 2
+    err = capsys.readouterr().err
+    assert f"The model outputs {MOBILENET.dim}-dim vectors, not --embedding_dim 1000: pass --embedding_dim " \
+           f"{MOBILENET.dim} (the compiled model {embed.compiled} is fine)." in err
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+
+
 def test_the_launchers_fidelity_check_measures_the_difference(mobilenet_handle, tmp_path):
     config = _mobilenet(mobilenet_handle)
     reference = HubEmbedder(config)

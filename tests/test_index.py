@@ -10,9 +10,7 @@ import sys
 import time
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from helpers import (REPO, assert_matches_direct_calls, direct_vectors, new_index, read_embeddings, tiles, vectors_by_id,
                      write_manifest)
@@ -131,7 +129,7 @@ def test_the_current_view_reads_directly_in_duckdb(tmp_path, mobilenet_handle):
         np.testing.assert_array_equal(np.asarray(embedding, np.float32), expected[id_])
 
 
-def test_a_crash_costs_at_most_the_interrupted_run(tmp_path, mobilenet_handle):
+def test_a_crash_costs_at_most_the_interrupted_run(tmp_path, mobilenet_handle, capsys):
     root = tmp_path / "index"
     paths = tiles(tmp_path / "imgs", 24)
     manifest = write_manifest(tmp_path / "m.csv", [(f"img{i:03d}", p) for i, p in enumerate(paths)])
@@ -150,6 +148,9 @@ def test_a_crash_costs_at_most_the_interrupted_run(tmp_path, mobilenet_handle):
     finished_before = store.committed_runs(store.log())
     assert 1 <= len(finished_before) < 4 and store.latest_update(store.log()) is None
     embedded_before = set(run_ids(root, finished_before))
+    state = status(root, capsys)  # the crashed update's vectors are pending, not removed or superseded ones
+    assert (state["removed_ids"], state["superseded_vectors"], state["pending_vectors"]) == (0, 0, len(embedded_before))
+    assert len(state["unfinished_updates"]) == 1 and state["leftovers"]  # the interrupted run's folder
 
     assert update("--input", manifest, "--index", str(root), "--model_handle", mobilenet_handle,
                   "--run_size", "6") == 0

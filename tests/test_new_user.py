@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from helpers import REPO, SAMPLES, encode, photo, read_embeddings, read_errors, run_pipeline
+from pipeline.models import MODELS
 from pipeline.progress import ProgressDisplay, progress_line
 from pipeline.runtime import with_direct_defaults
 
@@ -52,6 +53,11 @@ def test_a_typo_in_an_option_is_an_error_that_suggests_the_right_one(tmp_path, c
         assert exit_info.value.code == 2
         assert f"unrecognized option {typo}: neither this project nor Beam knows it; did you mean {right}?" \
             in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # a required flag mistyped: the typo, not "--input is required"
+        run_pipeline("--inptu", SAMPLES, "--output", str(tmp_path / "o"))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "unrecognized option --inptu" in err and "did you mean --input?" in err
+    assert len(err.splitlines()) == 2  # the error and where to find every option, no screen of usage
     assert not os.path.exists(tmp_path / "o")
 
 
@@ -66,7 +72,11 @@ def test_a_handle_with_another_input_size_says_what_to_pass(tmp_path, capsys, mo
                         "--model_handle", mobilenet_handle)
     err = capsys.readouterr().err
     assert code == 2 and not os.path.exists(tmp_path / "o")
-    assert f"The model at {mobilenet_handle} accepts 224x224 images, not 299x299: pass --image_size 224" in err
+    mobilenet, inception = MODELS["mobilenet_v2_130_224"], MODELS["inception_resnet_v2"]
+    side, other = mobilenet.input_size, inception.input_size
+    assert f"The model at {mobilenet_handle} accepts {side}x{side} images, not {other}x{other}: it takes " \
+           f"{side}x{side} images to {mobilenet.dim}-dim vectors, as {mobilenet.name} does: pass --model " \
+           f"{mobilenet.name}." in err
     assert "Traceback" not in err and len(err) < 400
 
 

@@ -41,3 +41,11 @@ def test_sdist_installs_into_a_fresh_environment_and_runs_the_pipeline(tmp_path,
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.splitlines()[0].startswith(site)  # imported from the installed sdist, not the checkout
     assert read_embeddings(str(out)).num_rows == 1
+
+
+def test_the_registry_is_plain_data_and_the_engines_share_a_contract_without_a_cycle():
+    code = ("import sys, pipeline.models, transforms.litert_engine; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pipeline', 'transforms')))")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert loaded.stdout.split() == ["['pipeline',", "'pipeline.models',", "'transforms',",
+                                     "'transforms.litert_engine',", "'transforms.model_contract']"]

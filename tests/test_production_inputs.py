@@ -15,7 +15,7 @@ from apache_beam.transforms import window
 from PIL import Image
 
 from helpers import PHOTO_NAMES, encode, photo, read_embeddings, read_errors, run_and_collect, run_pipeline
-from servers import GcsEmulator, WebServer
+from servers import ForwardProxy, GcsEmulator, WebServer
 from transforms.decode import DecodeImagesFn, PreprocessConfig, _high_depth_to_uint8, decode_image
 from transforms.records import FAILED, Failure, ImageRef
 from transforms.uri_reader import ReadConfig, ReadError, read_uri
@@ -70,6 +70,35 @@ def test_file_uris_are_read(tmp_path):
 
 
 # --- http ----------------------------------------------------------------------------------------------------
+
+def test_a_body_shorter_than_its_content_length_is_a_transient_error_retried(web):
+    image = read_uri(f"{web.url}/short.jpg", FAST)  # first answer cut short, the retry complete
+    assert image == read_uri(f"{web.url}/ok.jpg", FAST) and web.hits["/short.jpg"] == 2
+    web.failures_left["/short.jpg"] = 10
+    with pytest.raises(ReadError, match="closed after .* of the .* bytes announced"):
+        read_uri(f"{web.url}/short.jpg", FAST)
+
+
+def test_http_and_https_proxies_from_the_environment_are_used_and_no_proxy_is_honoured(web, monkeypatch):
+    image = read_uri(f"{web.url}/ok.jpg", FAST)
+    proxy = ForwardProxy(image)
+    try:
+        for name in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("http_proxy", proxy.url)
+        monkeypatch.setenv("https_proxy", proxy.url)
+        monkeypatch.setenv("no_proxy", "localhost")
+        assert read_uri("http://images.example.invalid/a/photo.jpg", FAST) == image  # resolved by the proxy
+        with pytest.raises(ReadError):
+            read_uri("https://images.example.invalid/b.jpg", FAST)  # the proxy refuses the tunnel
+        assert proxy.seen[:2] == ["GET http://images.example.invalid/a/photo.jpg",
+                                  "CONNECT images.example.invalid:443"]
+        monkeypatch.setenv("no_proxy", "127.0.0.1")
+        before = len(proxy.seen)
+        assert read_uri(f"{web.url}/ok.jpg", FAST) == image and len(proxy.seen) == before  # straight there
+    finally:
+        proxy.close()
+
 
 def test_http_429_and_408_are_retried_honouring_retry_after(web):
     assert read_uri(web.url + "/busy.jpg", FAST)[:2] == b"\xff\xd8"

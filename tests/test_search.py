@@ -20,8 +20,10 @@ from helpers import PHOTO_NAMES, encode, photo, run_pipeline
 from thumbnail_model import build_thumbnail_model
 
 from pipeline.search.__main__ import main as search
-from pipeline.search.contact_sheet import THUMB, tile_box
+from pipeline.search.contact_sheet import THUMB, draw_contact_sheet, tile_box
+from pipeline.search.store import open_search_index
 from transforms.sink import embeddings_schema
+from transforms.uri_reader import ReadConfig
 
 SIZE, GRID = 64, 8
 DIM = GRID * GRID * 3
@@ -157,7 +159,7 @@ def test_overlapping_runs_are_refused_with_what_to_build_from(corpus, tmp_path, 
 def test_duplicates_finds_exactly_the_planted_groups(corpus, tmp_path, capsys):
     out = str(tmp_path / "dups.parquet")
     assert search(["duplicates", "--index", corpus["index"], "--output", out]) == 0
-    assert "3 groups of near-duplicates (6 images; 1 of them byte-identical" in capsys.readouterr().err
+    assert "3 groups of near-duplicates (6 images; 1 of them byte-identical copies)" in capsys.readouterr().err
     rows = pq.read_table(out).to_pylist()
     groups = {}
     for row in rows:
@@ -167,7 +169,30 @@ def test_duplicates_finds_exactly_the_planted_groups(corpus, tmp_path, capsys):
     for members in groups.values():
         assert members[0]["similarity"] == pytest.approx(1.0, abs=1e-5) and members[1]["similarity"] > 0.99
         identical = "copy-identical.jpg" in {os.path.basename(m["id"]) for m in members}
-        assert [m["same_bytes"] for m in members] == [True, identical]
+        assert [m["same_bytes"] for m in members] == [False, identical]
+    assert sum(row["same_bytes"] for row in rows) == 1  # filtering on it counts the byte-identical copies
+
+
+def test_contact_sheets_scale_16_bit_images_keep_name_ends_wrap_long_rows_and_carry_the_warning(tmp_path):
+    from PIL import Image, ImageDraw, ImageFont
+
+    from pipeline.search.contact_sheet import MAX_COLUMNS, Tile, _fit, _thumbnail
+
+    deep = tmp_path / "deep.png"
+    Image.fromarray(np.full((40, 60), 30000, np.uint16)).save(deep)  # mid-grey in 16 bits
+    assert abs(np.asarray(_thumbnail(str(deep), ReadConfig())).mean() - 30000 * 255 / 65535) < 2
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label = _fit(draw, "/data/archive/2026/photos/holiday-00123.jpg", ImageFont.load_default(), THUMB)
+    assert label.startswith("...") and label.endswith("holiday-00123.jpg")
+    row = [Tile(str(deep), (f"member {n}", "1.0000")) for n in range(2 * MAX_COLUMNS + 6)]
+    plain, warned = tmp_path / "plain.png", tmp_path / "warned.png"
+    draw_contact_sheet([row], str(plain))
+    draw_contact_sheet([row], str(warned), warning="random-weight stand-in model: NOT meaningful")
+    with Image.open(plain) as sheet:
+        assert sheet.size == (tile_box(0, MAX_COLUMNS)[0], tile_box(3, 0)[1])  # 26 tiles: three lines of 10
+    with Image.open(warned) as sheet:
+        band = np.asarray(sheet.convert("RGB"))[tile_box(3, 0)[1]:]
+    assert band.shape[0] > 0 and ((band[..., 0] > 150) & (band[..., 1] < 80)).any()  # red text under the tiles
 
 
 def test_threshold_sets_how_alike_duplicates_must_be(corpus, tmp_path):
@@ -260,6 +285,14 @@ def test_approximate_index_is_tuned_for_recall_and_agrees_with_exact_search(tmp_
     with open(tmp_path / "ann" / "search.json") as f:
         index = json.load(f)["index"]
     assert index["kind"] == "ann" and index["tuned_recall_at_10"] >= 0.97 and index["nprobe"] < index["lists"]
+    pairs = {}
+    for kind in ("ann", "exact"):  # near-duplicate pairs: every one, on both kinds
+        opened = open_search_index(str(tmp_path / kind))
+        pairs[kind] = {(int(a), int(b)): float(s) for rows, others, similarities in opened.vectors.pairs_above(0.9)
+                       for a, b, s in zip(rows, others, similarities)}
+    differing = set(pairs["ann"]) ^ set(pairs["exact"])
+    assert len(pairs["exact"]) > 1000 and all(abs({**pairs["ann"], **pairs["exact"]}[p] - 0.9) < 1e-5
+                                              for p in differing)  # only float rounding at the threshold
     asked = [f"img{i:05d}" for i in range(0, 6000, 60)]
     found = {}
     for kind in ("ann", "exact"):
@@ -334,7 +367,8 @@ def test_build_from_an_index_root_uses_its_current_view(corpus, tmp_path):
     update()
     index = str(tmp_path / "search")
     assert search(["build", "--index", root, "--output", index]) == 0
-    items = pq.read_table(os.path.join(index, "items.parquet")).to_pylist()
+    with open(os.path.join(index, "search.json")) as f:
+        items = pq.read_table(os.path.join(index, json.load(f)["files"]["items"])).to_pylist()
     assert sorted(os.path.basename(i["id"]) for i in items) == sorted(p.name for p in images.iterdir())
     out = str(tmp_path / "hits.parquet")
     assert search(["query", "--index", index, "--id", str(images / "new.jpg"), "-k", "2", "--output", out]) == 0

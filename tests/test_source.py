@@ -66,6 +66,15 @@ def test_a_stray_quote_fails_its_own_row_and_never_swallows_the_next_ones(tmp_pa
     assert all("is not valid CSV" in problem for _, problem in problems)
 
 
+def test_a_quoted_field_split_by_a_newline_fails_both_lines_and_gives_no_row(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text('id,uri\n"photo 1\ncopy",/x/img01.png\nok,/x/img02.png\nq,"/x/""quoted"".png"\n')
+    assert _usable(path) == [("ok", "/x/img02.png"), ("q", '/x/"quoted".png')]
+    problems = _problems(path)
+    assert [where for where, _ in problems] == ["row at byte 7", "row at byte 16"]
+    assert "a quote inside a field that does not start with one" in problems[1][1]
+
+
 def test_tsv_has_no_quoting(tmp_path):
     path = tmp_path / "m.tsv"
     path.write_text('uri\tid\n"/a/1.jpg\tone\n/a/2.jpg\ttwo\n/a/3.jpg\tthree\textra\n')

@@ -140,7 +140,7 @@ def decode_image(data: bytes, config: PreprocessConfig) -> np.ndarray:
             late_transpose = getattr(Image.Transpose, _ORIENTATIONS_AFTER_RESIZE[orientation])
         elif orientation in _ORIENTATIONS_BEFORE_RESIZE:
             upright = ImageOps.exif_transpose(image)  # swaps axes: must precede the resize for the same pixels
-        flat = _to_rgb_or_grey(upright, config.background)
+        flat = to_rgb_or_grey(upright, config.background)
         if config.resize_mode == "center_crop":
             resized = ImageOps.fit(flat, (config.image_size,) * 2, method=Image.Resampling.BICUBIC)
         else:
@@ -153,7 +153,7 @@ def decode_image(data: bytes, config: PreprocessConfig) -> np.ndarray:
 _STRIP_ROWS = 256
 
 
-def _to_rgb_or_grey(image, background: tuple):
+def to_rgb_or_grey(image, background: tuple):
     """Any PIL mode -> 8-bit RGB, or 8-bit L for greyscale: 16/32-bit scaled (not clipped), alpha over `background`.
 
     Greyscale stays one channel through the resize (a third of the memory and work); the pixels equal

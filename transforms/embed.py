@@ -7,58 +7,25 @@ under Keras 3, unlike Beam's stock TF handler (it calls `tf.keras.models.load_mo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import gc
 import logging
 import os
 import sys
-import threading
 from typing import Iterable, NamedTuple, Optional, Sequence, Union
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, RunInference
 
+from transforms.model_contract import (  # noqa: F401 (VERBOSE_ENV and the errors are part of this module's face)
+    VERBOSE_ENV,
+    ModelEnvironmentError,
+    ModelOutputError,
+    check_output,
+    native_stderr_muted,
+)
 from transforms.records import FAILED, DecodedImage, Failure, Stage, describe_exception
-
-
-# Set (by `--verbose`) to keep TensorFlow's start-up messages; inherited by local worker processes.
-VERBOSE_ENV = "BEAM_EMBEDDINGS_VERBOSE"
-
-
-_mute_lock = threading.Lock()
-_mute = {"depth": 0, "saved": None}
-
-
-@contextlib.contextmanager
-def native_stderr_muted():
-    """Silences what native libraries write straight to file descriptor 2, unless VERBOSE_ENV is set.
-
-    TensorFlow prints CUDA probing errors and oneDNN notices on CPU machines at import, and LiteRT an
-    INFO line per interpreter, before any log level applies; they say nothing about the run. Python
-    exceptions still carry their messages. Threads may nest: the first one in mutes, the last one out
-    restores.
-    """
-    if os.environ.get(VERBOSE_ENV):
-        yield
-        return
-    with _mute_lock:
-        if _mute["depth"] == 0:
-            sys.stderr.flush()
-            _mute["saved"] = os.dup(2)
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 2)
-            os.close(devnull)
-        _mute["depth"] += 1
-    try:
-        yield
-    finally:
-        with _mute_lock:
-            _mute["depth"] -= 1
-            if _mute["depth"] == 0:
-                os.dup2(_mute["saved"], 2)
-                os.close(_mute["saved"])
 
 
 def import_tensorflow():
@@ -75,18 +42,6 @@ class Embedding(NamedTuple):
     uri: str
     vector: np.ndarray  # float32 [dim]
     sha256: Optional[str] = None  # of the encoded bytes
-
-
-class ModelOutputError(RuntimeError):
-    """The model's output does not match its declared dim: a configuration error, not a data error."""
-
-
-class ModelEnvironmentError(RuntimeError):
-    """The machine failed the model call (out of device memory, an internal runtime fault), not the images.
-
-    Re-raised so that the runner retries the bundle, possibly elsewhere, instead of reporting every
-    image of the batch as bad.
-    """
 
 
 # TensorFlow errors that say nothing about the images (tf.errors class names).
@@ -163,6 +118,11 @@ class HubEmbedder:
                 sizes.add((shape[1], shape[2]))
         return sizes
 
+    def output_dim(self, side: int) -> int:
+        """The length of the vector the model returns for one grey side x side image (whatever dim was declared)."""
+        tf = import_tensorflow()
+        return int(self._module(tf.fill([1, side, side, 3], 0.5)).shape[-1])
+
     def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """uint8 [h, w, 3] images (a sequence, or an [n, h, w, 3] array) -> float32 [n, dim]."""
         pixels = np.stack(images) if not isinstance(images, np.ndarray) else images
@@ -170,11 +130,7 @@ class HubEmbedder:
             vectors = self._embed(pixels).numpy()
         except self._environment_errors as exc:
             raise ModelEnvironmentError(describe_exception(exc)) from exc
-        if vectors.ndim != 2 or vectors.shape != (len(pixels), self._dim):
-            raise ModelOutputError(
-                f"The model returned shape {list(vectors.shape)} for {len(pixels)} images; "
-                f"expected [{len(pixels)}, {self._dim}] (declared dim {self._dim})."
-            )
+        check_output(vectors, len(pixels), self._dim, "The model")
         return vectors
 
 

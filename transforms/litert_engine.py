@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from transforms.embed import ModelOutputError, native_stderr_muted
+from transforms.model_contract import check_output, native_stderr_muted
 
 
 class LiteRTEmbedder:
@@ -59,10 +59,6 @@ class LiteRTEmbedder:
             local.interpreter.set_tensor(local.input, np.ascontiguousarray(image, np.uint8)[np.newaxis])
             local.interpreter.invoke()
             vector = local.interpreter.get_tensor(local.output)
-            if vector.shape != (1, self._dim):
-                raise ModelOutputError(
-                    f"The compiled model returned shape {list(vector.shape)} for 1 image; "
-                    f"expected [1, {self._dim}] (declared dim {self._dim})."
-                )
+            check_output(vector, 1, self._dim, "The compiled model")
             vectors[index] = vector[0]
         return vectors

@@ -127,7 +127,34 @@ def _split(line: str, fmt: str) -> list[str]:
         return line.split("\t")  # TSV has no quoting: a quote is an ordinary character
     if csv.field_size_limit() < MAX_LINE_BYTES:  # a field may be as long as its line
         csv.field_size_limit(MAX_LINE_BYTES)
+    if _stray_quote(line):
+        raise csv.Error("a quote inside a field that does not start with one")
     return next(csv.reader([line], strict=True), [])
+
+
+def _stray_quote(line: str) -> bool:
+    """True when a field that is not quoted holds the quote character.
+
+    Python's csv reads `copy",/x.jpg` as the text `copy"`: for a quoted field whose newline split it into two
+    lines, that would make the second half a row under a wrong id. Such a line is its own failure instead.
+    """
+    state = "start"
+    for ch in line:
+        if state == "start":
+            state = "quoted" if ch == '"' else "start" if ch == "," else "plain"
+        elif state == "plain":
+            if ch == '"':
+                return True
+            if ch == ",":
+                state = "start"
+        elif state == "quoted":
+            if ch == '"':
+                state = "closing"
+        else:  # a quote inside a quoted field: doubled, or the field's end
+            state = "quoted" if ch == '"' else "start" if ch == "," else "after"
+            if state == "after":
+                return False  # text after the closing quote: csv's strict mode reports it
+    return False
 
 
 def _row(order: tuple, where: str, uri, id_=None) -> ManifestRow:

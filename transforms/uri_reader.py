@@ -152,6 +152,35 @@ def _retry_after_s(value: Optional[str]) -> Optional[float]:
         return None
 
 
+def _connection(parts: urllib.parse.SplitResult, timeout: float) -> tuple:
+    """(connection, request target, headers) for a GET of `parts`, through the proxy the environment names.
+
+    http_proxy / https_proxy / no_proxy (any case), as curl and urllib read them: an http URL is asked of the
+    proxy in absolute form, an https one through a CONNECT tunnel, so TLS stays end to end.
+    """
+    import base64
+    import urllib.request
+
+    https = parts.scheme.lower() == "https"
+    headers = {"User-Agent": "beam-image-embeddings"}
+    cls = http.client.HTTPSConnection if https else http.client.HTTPConnection
+    proxy = urllib.request.getproxies().get(parts.scheme.lower())
+    if not proxy or urllib.request.proxy_bypass(parts.netloc):
+        return cls(parts.hostname, parts.port, timeout=timeout), _request_target(parts), headers
+    proxied = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    proxy_headers = {}
+    if proxied.username:
+        credentials = f"{urllib.parse.unquote(proxied.username)}:{urllib.parse.unquote(proxied.password or '')}"
+        proxy_headers["Proxy-Authorization"] = "Basic " + base64.b64encode(credentials.encode()).decode()
+    if https:
+        connection = cls(proxied.hostname, proxied.port or 8080, timeout=timeout)
+        connection.set_tunnel(parts.hostname, parts.port or 443, headers=proxy_headers)
+        return connection, _request_target(parts), headers
+    connection = cls(proxied.hostname, proxied.port or 8080, timeout=timeout)
+    absolute = f"http://{parts.netloc.rsplit('@', 1)[-1]}{_request_target(parts)}"
+    return connection, absolute, {**headers, **proxy_headers}
+
+
 def _read_http(uri: str, config: ReadConfig) -> bytes:
     """One GET within a total deadline of `http_timeout_s` (connect, headers and body together)."""
     deadline = time.monotonic() + config.http_timeout_s
@@ -169,15 +198,14 @@ def _read_http(uri: str, config: ReadConfig) -> bytes:
         parts = urllib.parse.urlsplit(location)
         if parts.scheme.lower() not in HTTP_SCHEMES or not parts.hostname:
             raise ReadError(f"{uri}: not a valid http(s) URL ({location}).")
-        connection_class = http.client.HTTPSConnection if parts.scheme.lower() == "https" else http.client.HTTPConnection
         try:
-            connection = connection_class(parts.hostname, parts.port, timeout=remaining())
+            connection, target, headers = _connection(parts, remaining())
         except ValueError as exc:  # a malformed port
             raise ReadError(f"{uri}: not a valid http(s) URL ({exc}).") from None
         try:
             connection.connect()
             sock = connection.sock  # kept: the connection lets go of it once the response says "close"
-            connection.request("GET", _request_target(parts), headers={"User-Agent": "beam-image-embeddings"})
+            connection.request("GET", target, headers=headers)
             sock.settimeout(remaining())
             response = connection.getresponse()
             if response.status in (301, 302, 303, 307, 308) and response.getheader("Location"):
@@ -201,6 +229,8 @@ def _read_http(uri: str, config: ReadConfig) -> bytes:
                 chunks.append(chunk)
                 size += len(chunk)
                 _check_size(uri, size, config)
+            if declared and declared.isdigit() and size < int(declared):
+                raise TransientReadError(f"the connection closed after {size} of the {declared} bytes announced")
             return b"".join(chunks)
         except (ReadError, TransientReadError):
             raise

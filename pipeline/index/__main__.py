@@ -29,11 +29,12 @@ from pipeline.index.store import CommitRefused, IndexCorrupt, IndexRefused, Inde
 from pipeline.index.update import DEFAULT_MAX_REMOVED, RemovalLimit, update_index
 from pipeline.index.view import WriteSnapshot, index_status
 from pipeline.models import CUSTOM_MODEL, MODELS
-from pipeline.options import build_parser, config_from_args, positive_int, refuse_unknown_args
+from pipeline.options import build_parser, config_from_args, parse_known, positive_int, refuse_unknown_args
 from pipeline.outputs import RUN_REPORT, earlier_results, prepare_output_dir, summarize_outputs
 from pipeline.preflight import check_model, metadata_differences, output_metadata
 from pipeline.report import software_versions
-from pipeline.run import INTERRUPTED, PREFLIGHT_ERRORS, choose_engine, exit_with, run
+from pipeline.interrupt import INTERRUPTED, exit_with
+from pipeline.run import PREFLIGHT_ERRORS, choose_engine, run
 from pipeline.runtime import configure_logging
 from transforms.records import plural
 from transforms.source import input_kind, plan_input
@@ -59,8 +60,7 @@ def create(argv: Sequence[str]) -> int:
     parser = build_parser("python -m pipeline.index create", "Create an empty index that records the model and "
                           "preprocessing every later update uses.", single_run=False, with_input=False)
     parser.add_argument("--index", required=True, help=INDEX_HELP + " Must not exist yet, or be empty.")
-    args, beam_args = parser.parse_known_args(argv)
-    refuse_unknown_args(parser, beam_args)
+    args, beam_args = parse_known(parser, argv)
     config = config_from_args(parser, args)
     configure_logging(config.verbose)
     store = _store(args.index)
@@ -115,14 +115,13 @@ def update(argv: Sequence[str]) -> int:
     parser = _update_parser()
     index = _index_arg(argv)
     if index is None:
-        parser.parse_known_args(argv)  # names what is missing, exit 2
+        parse_known(parser, argv)  # names what is missing (or mistyped), exit 2
     store = _store(index)
     identity = store.identity()
     if identity is None:
         raise _not_an_index(store)
     parser.set_defaults(**recorded_defaults(identity))
-    args, beam_args = parser.parse_known_args(argv)
-    refuse_unknown_args(parser, beam_args)
+    args, beam_args = parse_known(parser, argv)
     if args.model != identity["model"]:
         raise IndexRefused(f"The index {store.root} holds vectors of {identity['model']} (index.json), not "
                            f"{args.model}; use another --index (made with create) for {args.model}.")

@@ -114,12 +114,15 @@ class LocalObjects:
 
     @contextlib.contextmanager
     def _exclusive(self, path: str) -> Iterator[None]:
-        """Compare-and-swap of `path` among processes: a kernel lock on a file beside it (released on death)."""
+        """Compare-and-swap of `path` among processes: a kernel lock on its folder (released on death)."""
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, ".cas"), "a") as guard:
-            fcntl.flock(guard.fileno(), fcntl.LOCK_EX)
+        guard = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(guard, fcntl.LOCK_EX)
             yield
+        finally:
+            os.close(guard)
 
     @_reported("Writing")
     def replace(self, path: str, data: bytes, generation: str) -> Version:

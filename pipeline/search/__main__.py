@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Optional
 from typing import Sequence
 
+from pipeline.interrupt import exit_with
 from pipeline.models import duplicate_threshold
 from pipeline.runtime import configure_logging
 from pipeline.search.collection import CollectionError, from_files, from_index
@@ -69,11 +71,18 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+STANDIN_SEARCH_WARNING = "this index holds vectors of a random-weight stand-in model: similarities are NOT meaningful."
+
+
+def _standin_warning(index) -> Optional[str]:
+    return STANDIN_SEARCH_WARNING if index.model.get("weights", "").startswith("STAND-IN") else None
+
+
 def _open(root: str):
     """The search index at `root`, with a warning when its vectors come from a random-weight stand-in."""
     index = open_search_index(root)
-    if index.model.get("weights", "").startswith("STAND-IN"):
-        _say("WARNING: this index holds vectors of a random-weight stand-in model: similarities are NOT meaningful.")
+    if _standin_warning(index):
+        _say(f"WARNING: {STANDIN_SEARCH_WARNING}")
     return index
 
 
@@ -124,7 +133,7 @@ def query(args, parser) -> int:
         _say(f"{plural(len(hits), 'hit')} written to {args.output}.")
     if args.contact_sheet:
         rows = query_rows(list(dict.fromkeys(args.image or args.id)), hits, failures, bool(args.image))
-        draw_contact_sheet(rows, args.contact_sheet)
+        draw_contact_sheet(rows, args.contact_sheet, warning=_standin_warning(index))
         _say(f"Contact sheet of {plural(len(rows), 'row')} written to {args.contact_sheet}.")
     return 1 if failures else 0
 
@@ -143,9 +152,9 @@ def duplicates(args, parser) -> int:
     rows = group_rows(groups)
     identical = byte_identical_copies(groups)
     _say(f"{plural(len(rows), 'group')} of near-duplicates ({plural(groups.num_rows, 'image')}; {identical} of "
-         f"them byte-identical to their group's first) at cosine similarity >= {threshold} written to {args.output}.")
+         f"them byte-identical copies) at cosine similarity >= {threshold} written to {args.output}.")
     if args.contact_sheet:
-        draw_contact_sheet(rows, args.contact_sheet)
+        draw_contact_sheet(rows, args.contact_sheet, warning=_standin_warning(index))
         _say(f"Contact sheet of {plural(len(rows), 'group')} written to {args.contact_sheet}.")
     return 0
 
@@ -166,4 +175,4 @@ def main(argv: Sequence[str] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main())

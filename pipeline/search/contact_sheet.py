@@ -11,13 +11,16 @@ import dataclasses
 import io
 from typing import Optional, Sequence
 
+from transforms.decode import to_rgb_or_grey
 from transforms.uri_reader import ReadConfig, read_uri
 
 THUMB = 128  # the square each thumbnail is fitted into
+MAX_COLUMNS = 10  # a longer row (a large duplicate group) wraps onto the next lines
 PAD = 8
 LINE = 12
 CAPTION_LINES = 2
 BACKGROUND = (255, 255, 255)
+WARNING = (200, 0, 0)
 UNREADABLE = (160, 160, 160)
 READ_THREADS = 16
 
@@ -48,6 +51,20 @@ def group_rows(groups) -> list:
     return list(rows.values())
 
 
+def _wrap_text(text: str, font, width: int) -> list:
+    from PIL import Image, ImageDraw
+
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}".strip()
+        if line and measure.textlength(candidate, font=font) > width:
+            lines.append(line)
+            candidate = word
+        line = candidate
+    return lines + [line] if line else lines
+
+
 def tile_box(row: int, column: int) -> tuple:
     """(left, top, right, bottom) of the thumbnail square of a tile."""
     left = PAD + column * (THUMB + PAD)
@@ -64,7 +81,7 @@ def _thumbnail(uri: Optional[str], read: ReadConfig):
     try:
         with Image.open(io.BytesIO(read_uri(uri, read))) as image:
             image.draft("RGB", (THUMB, THUMB))
-            upright = ImageOps.exif_transpose(image).convert("RGB")
+            upright = to_rgb_or_grey(ImageOps.exif_transpose(image), BACKGROUND).convert("RGB")  # 16-bit scaled
             upright.thumbnail((THUMB, THUMB), Image.Resampling.BICUBIC)
             return upright
     except Exception:  # unreadable or undecodable: the tile says so
@@ -72,25 +89,37 @@ def _thumbnail(uri: Optional[str], read: ReadConfig):
 
 
 def _fit(draw, text: str, font, width: int) -> str:
+    """`text`, or its end after "...": ids and paths differ in their last part (photos/ho... tells nothing)."""
     if draw.textlength(text, font=font) <= width:
         return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..."
+    while text and draw.textlength("..." + text, font=font) > width:
+        text = text[1:]
+    return "..." + text
 
 
-def draw_contact_sheet(rows: Sequence[Sequence[Tile]], path: str, read: ReadConfig = ReadConfig()) -> None:
-    """Writes a PNG at `path` (local or any Beam filesystem) with one row per entry of `rows`."""
+def _wrapped(rows: Sequence[Sequence[Tile]]) -> list:
+    """Rows of at most MAX_COLUMNS tiles: a long row continues on the next lines."""
+    return [list(row[start:start + MAX_COLUMNS]) for row in rows for start in range(0, max(len(row), 1), MAX_COLUMNS)]
+
+
+def draw_contact_sheet(rows: Sequence[Sequence[Tile]], path: str, read: ReadConfig = ReadConfig(),
+                       warning: Optional[str] = None) -> None:
+    """Writes a PNG at `path` (local or any Beam filesystem) with one row per entry of `rows` (wrapped after
+    MAX_COLUMNS tiles), and `warning` in red under them: a sheet gets shared without the command's output."""
     from apache_beam.io.filesystem import CompressionTypes
     from apache_beam.io.filesystems import FileSystems
     from PIL import Image, ImageDraw, ImageFont
 
+    rows = _wrapped(rows)
     columns = max((len(row) for row in rows), default=1)
     width = tile_box(0, columns)[0]
     height = tile_box(len(rows), 0)[1]
-    sheet = Image.new("RGB", (width, height), BACKGROUND)
-    draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default()
+    warning_lines = _wrap_text(f"WARNING: {warning}", font, width - 2 * PAD) if warning else []
+    sheet = Image.new("RGB", (width, height + len(warning_lines) * LINE + (PAD if warning_lines else 0)), BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    for number, line in enumerate(warning_lines):
+        draw.text((PAD, height + number * LINE), line, fill=WARNING, font=font)
     tiles = [(r, c, tile) for r, row in enumerate(rows) for c, tile in enumerate(row)]
     with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:
         thumbnails = pool.map(lambda item: _thumbnail(item[2].uri, read), tiles)

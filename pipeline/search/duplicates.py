@@ -16,7 +16,7 @@ GROUPS_SCHEMA = pa.schema([
     pa.field("id", pa.string(), nullable=False),
     pa.field("uri", pa.string()),
     pa.field("similarity", pa.float32()),  # to the group's first member (1 for the first member itself)
-    pa.field("same_bytes", pa.bool_()),  # same sha256 as the first member
+    pa.field("same_bytes", pa.bool_()),  # same sha256 as an earlier member of the group (never the first)
     pa.field("sha256", pa.string()),
 ])
 
@@ -57,21 +57,19 @@ def duplicate_groups(index: SearchIndex, threshold: float) -> pa.Table:
     for number, rows in enumerate(groups, start=1):
         vectors = index.vectors.vectors(rows)
         similarities = vectors @ vectors[0]
-        first = digests[rows[0]]
+        seen = set()
         for row, similarity in zip(rows, similarities.tolist()):
             out["group"].append(number)
             out["id"].append(ids[row])
             out["uri"].append(uris[row])
             out["similarity"].append(similarity)
-            out["same_bytes"].append(bool(first) and digests[row] == first)
+            out["same_bytes"].append(digests[row] in seen)  # a copy of an earlier member: never the first
             out["sha256"].append(digests[row])
+            if digests[row]:
+                seen.add(digests[row])
     return pa.table(out, schema=GROUPS_SCHEMA)
 
 
 def byte_identical_copies(groups: pa.Table) -> int:
-    """Members (other than a group's first) with the same bytes as their group's first."""
-    count, previous = 0, None
-    for member in groups.select(["group", "same_bytes"]).to_pylist():
-        count += member["same_bytes"] and member["group"] == previous
-        previous = member["group"]
-    return count
+    """Members whose bytes equal an earlier member's of their group."""
+    return sum(groups.column("same_bytes").to_pylist())

@@ -156,8 +156,8 @@ def open_search_index(root: str) -> SearchIndex:
     root = root.rstrip("/")
     manifest_path = FileSystems.join(root, MANIFEST)
     if not FileSystems.exists(manifest_path):
-        what = "an unfinished build (rerun search build)" if FileSystems.exists(FileSystems.join(root, ITEMS)) else \
-            "no search index"
+        started = FileSystems.match([FileSystems.join(root, "items*.parquet")])[0].metadata_list
+        what = "an unfinished build (rerun search build)" if started else "no search index"
         raise SearchIndexError(f"{root} holds {what}: no {MANIFEST}. Build one with python -m pipeline.search build.")
     manifest = _read_manifest(manifest_path)
     if manifest.get("format") != FORMAT:

@@ -74,7 +74,22 @@ class VectorIndex:
         return self.index.reconstruct_batch(np.asarray(rows, np.int64))
 
     def pairs_above(self, threshold: float) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(rows, neighbour rows, similarities) of every pair with similarity >= threshold, each pair once."""
+        """(rows, neighbour rows, similarities) of every pair with similarity >= threshold, each pair once.
+
+        Exact on every kind: an inverted-list index probes all its lists here (its lists hold the full vectors),
+        since the probe count tuned for top-k queries misses pairs that straddle two lists.
+        """
+        if self.kind == "ann":
+            ivf = import_faiss().extract_index_ivf(self.index)
+            tuned, ivf.nprobe = ivf.nprobe, ivf.nlist
+            try:
+                yield from self._pairs_above(threshold)
+            finally:
+                ivf.nprobe = tuned
+            return
+        yield from self._pairs_above(threshold)
+
+    def _pairs_above(self, threshold: float) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         for start in range(0, self.count, SEARCH_CHUNK):
             rows = np.arange(start, min(start + SEARCH_CHUNK, self.count))
             # faiss keeps inner products strictly above the radius; nextafter makes the threshold inclusive
