@@ -14,6 +14,7 @@ if handle=$(python -m pipeline.models available "$MODEL"); then
   handle_args=()
 else
   standin=1
+  echo "tfhub.dev cannot be reached: using a random-weight stand-in model (built once, about 30 s the first time)." >&2
   log=$(mktemp)
   if ! handle=$(python -m pipeline.standin_models --model "$MODEL" --output .cache/standins 2>"$log"); then
     cat "$log" >&2

@@ -59,7 +59,7 @@ def build_index(root: str, nights: int, per_night: int) -> tuple[IndexStore, dic
                                       pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), MODEL.dim)],
                                      schema=schema)
         pq.write_table(table, os.path.join(store.run_dir(run), "embeddings-00000-of-00001.parquet"))
-        with open(os.path.join(store.run_dir(run), "run_report.json"), "w") as f:
+        with open(os.path.join(store.run_dir(run), "_run_report.json"), "w") as f:
             f.write("{}")
         seq += 1
         store.append(seq, {"kind": "run", "run": run, "update": run, "embedded": len(batch), "errors": 0})

@@ -1,18 +1,19 @@
 """How a command's process ends: Ctrl-C taken by the launcher alone, and an exit that cannot abort.
 
 Ctrl-C during a pipeline: the launcher takes it alone, stops the workers it started, and says one line.
-
 A terminal sends SIGINT to every process of the foreground group, so DirectRunner's worker processes would
-each die with their own traceback. `run_interruptibly` runs the pipeline in a thread that blocks SIGINT; a
-blocked signal mask is inherited by the threads and processes it starts, so only the waiting main thread
-ever sees Ctrl-C. On KeyboardInterrupt the worker processes started meanwhile are killed before it is
-re-raised, so the caller can remove partial outputs that nothing writes to any more.
+each die with their own traceback. DirectRunner starts them with the shell command `SYS.EXECUTABLE -m
+apache_beam.runners.worker.sdk_worker_main`; while a pipeline runs here, that command begins with
+`trap '' INT; exec`, and a signal ignored before exec stays ignored, so the workers never see Ctrl-C. The
+pipeline runs in a thread; the main thread waits and takes the KeyboardInterrupt, kills the worker processes
+started meanwhile, and re-raises, so the caller can remove partial outputs that nothing writes to any more.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -52,7 +53,7 @@ def _silent(args) -> None:
 
 
 def run_interruptibly(work: Callable[[], T]) -> T:
-    """work(), run so that Ctrl-C reaches only this thread; its worker processes are killed if it comes."""
+    """work(), run so that Ctrl-C reaches only this (main) thread; the worker processes are killed if it comes."""
     if threading.current_thread() is not threading.main_thread():
         return work()
     outcome: dict = {}
@@ -64,13 +65,11 @@ def run_interruptibly(work: Callable[[], T]) -> T:
             outcome["error"] = exc
 
     before = _descendants()
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    python = sys.executable
+    sys.executable = f"trap '' INT; exec {shlex.quote(python)}"  # read by DirectRunner to start its workers
     try:
         thread = threading.Thread(target=target, name="pipeline", daemon=True)
         thread.start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-    try:
         while thread.is_alive():
             thread.join(0.2)
     except KeyboardInterrupt:
@@ -81,6 +80,8 @@ def run_interruptibly(work: Callable[[], T]) -> T:
             except OSError:
                 pass
         raise
+    finally:
+        sys.executable = python
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]

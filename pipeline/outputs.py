@@ -12,7 +12,10 @@ from apache_beam.io.filesystems import FileSystems
 from transforms.sink import EMBEDDINGS_PREFIX, ERRORS_PREFIX, METADATA_PREFIX, output_files_pattern
 
 
-RUN_REPORT = "run_report.json"  # written last: its presence marks a finished run
+# Written last: its presence marks a finished run. The leading underscore makes dataset readers (pyarrow, pandas,
+# Spark, DuckDB's hive reader) skip it, so that a reader of the folder sees only Parquet.
+RUN_REPORT = "_run_report.json"
+LEGACY_RUN_REPORT = "run_report.json"  # the name before: runs written then are finished runs too
 
 
 class OutputDirError(ValueError):
@@ -33,9 +36,10 @@ def earlier_results(output_dir: str, overwrite: bool) -> list[str]:
     Mixing two runs' shards in one directory would silently double or lose rows for every reader.
     """
     previous = _output_files(output_dir, EMBEDDINGS_PREFIX) + _output_files(output_dir, ERRORS_PREFIX)
-    report = FileSystems.join(output_dir, RUN_REPORT)
-    if FileSystems.exists(report):
-        previous.append(report)
+    for name in (RUN_REPORT, LEGACY_RUN_REPORT):
+        report = FileSystems.join(output_dir, name)
+        if FileSystems.exists(report):
+            previous.append(report)
     if previous and not overwrite:
         raise OutputDirError(
             f"{output_dir} already holds the results of an earlier run ({len(previous)} files); "
@@ -64,7 +68,7 @@ def prepare_output_dir(output_dir: str, replaced: list[str]) -> None:
 
 def is_finished_run(output_dir: str) -> bool:
     """Only a run whose report was written (last, after both sinks finished) is a complete result."""
-    return FileSystems.exists(FileSystems.join(output_dir, RUN_REPORT))
+    return any(FileSystems.exists(FileSystems.join(output_dir, name)) for name in (RUN_REPORT, LEGACY_RUN_REPORT))
 
 
 @dataclasses.dataclass

@@ -19,7 +19,7 @@ from pipeline.engine import describe as describe_engine
 from pipeline.fingerprint import model_fingerprint
 from pipeline.models import handle_available
 from pipeline.options import JobConfig
-from pipeline.outputs import RUN_REPORT, is_finished_run, summarize_outputs
+from pipeline.outputs import LEGACY_RUN_REPORT, RUN_REPORT, is_finished_run, summarize_outputs
 from pipeline.standin_models import STANDIN_WARNING, standin_info
 from transforms.embed import EmbedConfig, HubEmbedder, ModelOutputError, load_embedder
 
@@ -164,8 +164,8 @@ def expand_previous_outputs(values) -> list[str]:
     folders = []
     for value in values:
         if any(ch in value for ch in "*?["):
-            reports = FileSystems.match([FileSystems.join(value, RUN_REPORT)])[0].metadata_list
-            found = sorted(m.path[: -len(RUN_REPORT) - 1] for m in reports)
+            found = sorted({m.path.rsplit("/", 1)[0] for name in (RUN_REPORT, LEGACY_RUN_REPORT)
+                            for m in FileSystems.match([FileSystems.join(value, name)])[0].metadata_list})
             if not found:
                 raise IncrementalRunError(f"--skip_existing {value} matches no finished run (no {RUN_REPORT} below it).")
             folders += found

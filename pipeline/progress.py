@@ -90,16 +90,22 @@ class ProgressDisplay:
         else:
             self._lines()
 
+    @property
+    def steady_rate(self) -> Optional[float]:
+        """Images/s while embedding (from the first finished image on): the rate the progress showed."""
+        return self._final_rate
+
     def _lines(self) -> None:
-        last_line, printed = time.monotonic(), False
+        last_line, printed = time.monotonic(), None
         while True:
             stopping = self._stop.wait(min(self._interval_s, _REFRESH_S))
             now = time.monotonic()
             done = self.done()
-            rate = self._rate(done, now)
-            if (stopping and printed) or now - last_line >= self._interval_s:  # a run shorter than one interval
-                last_line, printed = now, True                                    # needs no progress line
-                print(progress_line(done, self.total, rate), file=self._stream, flush=True)
+            line = progress_line(done, self.total, self._rate(done, now))
+            due = (stopping and printed) or now - last_line >= self._interval_s  # a run shorter than one interval
+            if due and line != printed:                                             # needs no progress line
+                last_line, printed = now, line
+                print(line, file=self._stream, flush=True)
             if stopping:
                 return
 

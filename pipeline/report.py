@@ -1,4 +1,4 @@
-"""The run report (run_report.json, written last: it marks a finished run) and the summary printed after a run."""
+"""The run report (_run_report.json, written last: it marks a finished run) and the summary printed after a run."""
 
 from __future__ import annotations
 
@@ -56,8 +56,11 @@ def print_summary(report: dict) -> None:
     counts, output = report["counts"], report["output"]
     if counts["inputs"] == 0:
         print(f"No inputs: --input {report['input']} has no rows or matches no files; the outputs are empty.")
+    steady = report.get("images_per_second_embedding")
+    rates = f"{report['images_per_second']} images/s overall, worker start-up included" + (
+        f"; {steady} images/s while embedding, as the progress showed" if steady else "")
     print(f"Embedded {plural(counts['embedded'], 'image')} ({report['model']}, dim {report['dim']}) into "
-          f"{output}/embeddings-*.parquet in {report['seconds']} s ({report['images_per_second']} images/s).")
+          f"{output}/embeddings-*.parquet in {report['seconds']} s ({rates}).")
     if counts["skipped_existing"]:
         print(f"Skipped {plural(counts['skipped_existing'], 'input')} already embedded in {', '.join(report['skip_existing'])}.")
     if counts["errors"]:

@@ -148,6 +148,7 @@ def run(config: JobConfig, beam_args: Sequence[str], announce: bool = True) -> d
             "errors_by_stage": summary.errors_by_stage,
         },
         "images_per_second": round(summary.embedded / seconds, 2) if seconds else None,
+        "images_per_second_embedding": round(display.steady_rate, 2) if display and display.steady_rate else None,
         "model_loads": metrics["distributions"].get("load_model_latency_milli_secs", {}).get("count", 0),
         "metrics": metrics,
         "versions": software_versions(),

@@ -144,7 +144,7 @@ def test_auto_picks_the_registrys_engine_and_records_it(tmp_path, mobilenet_hand
         assert run_pipeline("--input", str(images), "--output", str(out), "--compiled_cache", cache, *args) == 0
         metadata = pq.read_schema(glob.glob(f"{out}/embeddings-*.parquet")[0]).metadata
         assert metadata[b"embedding.engine"].decode().startswith(engine)
-        assert json.loads((out / "run_report.json").read_text())["engine"].startswith(engine)
+        assert json.loads((out / "_run_report.json").read_text())["engine"].startswith(engine)
 
 
 def test_loaded_objects_are_kept_out_of_collections_while_a_run_embeds_and_collected_as_usual_after(

@@ -42,8 +42,12 @@ def test_a_folder_or_globstar_gives_every_image_at_every_depth(tmp_path, nested_
     else:
         assert found == images and len(read_errors(str(out))) == 0
         assert "as a folder: 5 image files under it; 2 other files left out by extension" in printed
-    report = json.loads((out / "run_report.json").read_text())
+    report = json.loads((out / "_run_report.json").read_text())
     assert report["input_found"]["count"] == (7 if suffix else 5)
+    if not suffix:  # a reader of the whole folder is not tripped by the report (its name starts with _)
+        import pandas as pd
+
+        assert sorted(pd.read_parquet(out)["id"]) == images
 
 
 def test_a_typo_in_an_option_is_an_error_that_suggests_the_right_one(tmp_path, capsys):
@@ -126,6 +130,8 @@ def test_progress_lines_start_within_the_first_interval_and_say_time_left(tmp_pa
     assert lines[0] == "progress: 0 / 100 inputs done (0%); starting (workers load the model)"
     assert lines[-1].startswith("progress: 100 / 100 inputs done (100%), ")
     assert any("about" in line and "left" in line for line in lines)
+    assert len(set(lines)) == len(lines)  # the final line once, not again at the end
+    assert display.steady_rate and lines[-1].endswith(f"{display.steady_rate:.1f} images/s")
 
 
 def test_progress_line_wording():

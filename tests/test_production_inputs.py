@@ -296,5 +296,5 @@ def test_every_row_of_a_messy_production_manifest_ends_in_exactly_one_output(tmp
     assert sum("is not UTF-8" in message for message in bad_rows) == 1
     assert sum("is not valid CSV" in message for message in bad_rows) == (fmt == "csv")
     assert len(bad_rows) == (2 if fmt == "csv" else 1)
-    report = json.loads(open(os.path.join(out, "run_report.json")).read())
+    report = json.loads(open(os.path.join(out, "_run_report.json")).read())
     assert report["counts"]["inputs"] == len(rows) + 3

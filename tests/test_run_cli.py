@@ -9,6 +9,7 @@ import time
 import pytest
 
 from helpers import REPO, SAMPLES, read_embeddings, read_errors, run_pipeline, tiles
+from pipeline.models import MODELS
 from pipeline.options import build_parser
 
 
@@ -58,7 +59,9 @@ def test_an_unreachable_hub_is_a_clear_error_and_never_a_fallback(tmp_path, caps
 def test_a_model_whose_output_dim_differs_from_the_declared_one_is_refused(tmp_path, capsys, mobilenet_handle):
     code = run_pipeline("--input", f"{SAMPLES}/*", "--output", str(tmp_path / "o"), "--model", "custom",
                         "--model_handle", mobilenet_handle, "--image_size", "224", "--embedding_dim", "1000")
-    assert code == 2 and "expected [1, 1000] (declared dim 1000)" in capsys.readouterr().err
+    mobilenet = MODELS["mobilenet_v2_130_224"]
+    assert code == 2 and (f"is not 1000-dim: it takes 224x224 images to {mobilenet.dim}-dim vectors, as "
+                          f"{mobilenet.name} does: pass --model {mobilenet.name}.") in capsys.readouterr().err
 
 
 def test_a_manifest_without_uri_column_is_refused_before_the_run(tmp_path, capsys, mobilenet_handle):
@@ -105,7 +108,9 @@ def test_run_local_script_embeds_the_samples_and_falls_back_loudly_when_the_hub_
     result = subprocess.run([os.path.join(REPO, "run_local.sh"), str(tmp_path / "out")], capture_output=True,
                             text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.startswith("tfhub.dev cannot be reached: using a random-weight stand-in model")  # at once
     assert "cannot be reached" in result.stderr and "NOT MEANINGFUL" in result.stderr
+    assert "cuInit" not in result.stderr and "images/s overall, worker start-up included" in result.stdout
     assert "python -m pipeline.standin_models" in result.stderr and "Models without a route to the hub" in result.stderr
     n_samples = len(os.listdir(SAMPLES))
     assert f"Embedded {n_samples} images (mobilenet_v2_130_224, dim 1664)" in result.stdout
@@ -136,10 +141,10 @@ def test_an_unfinished_run_is_not_accepted_as_an_earlier_output(tmp_path, capsys
     first = tmp_path / "first"
     assert run_pipeline("--input", f"{SAMPLES}/rocket.jpg*", "--output", str(first), "--model_handle",
                         mobilenet_handle) == 0
-    (first / "run_report.json").unlink()  # as if the run died between its sinks and its report
+    (first / "_run_report.json").unlink()  # as if the run died between its sinks and its report
     code = run_pipeline("--input", f"{SAMPLES}/*", "--output", str(tmp_path / "second"), "--model_handle",
                         mobilenet_handle, "--skip_existing", str(first))
-    assert code == 2 and "is not a finished run (no run_report.json)" in capsys.readouterr().err
+    assert code == 2 and "is not a finished run (no _run_report.json)" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "second")
 
 
@@ -157,7 +162,7 @@ def test_ctrl_c_during_a_run_says_one_line_leaves_no_partial_files_and_exits_130
     os.killpg(process.pid, signal.SIGINT)  # a terminal's Ctrl-C reaches the whole process group
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130
-    assert err.splitlines() == [f"Interrupted: the run into {out} stopped before it finished (no run_report.json); "
+    assert err.splitlines() == [f"Interrupted: the run into {out} stopped before it finished (no _run_report.json); "
                                 f"its partial files were removed. Run the same command with --overwrite to start "
                                 f"again."]
-    assert not list(out.glob("beam-temp-*")) and not (out / "run_report.json").exists()
+    assert not list(out.glob("beam-temp-*")) and not (out / "_run_report.json").exists()

@@ -30,7 +30,7 @@ def test_direct_runner_multi_processing_loads_the_model_once_per_worker(tmp_path
     assert run_pipeline("--input", f"{corpus}/*", "--output", str(out), "--model_handle", mobilenet_handle,
                         "--direct_running_mode=multi_processing", "--direct_num_workers=2", "--batch_size=4") == 0
     _assert_complete(out, corpus)
-    report = json.loads((out / "run_report.json").read_text())
+    report = json.loads((out / "_run_report.json").read_text())
     assert 1 <= report["model_loads"] <= 2  # at most once per worker process, however many bundles and batches
     assert report["metrics"]["distributions"]["inference_request_batch_size"]["count"] >= 3
 
@@ -41,7 +41,7 @@ def test_large_model_shares_one_model_between_worker_processes(tmp_path, corpus,
                         "--direct_running_mode=multi_processing", "--direct_num_workers=2", "--batch_size=4",
                         "--large_model") == 0
     _assert_complete(out, corpus)
-    assert json.loads((out / "run_report.json").read_text())["model_loads"] == 1
+    assert json.loads((out / "_run_report.json").read_text())["model_loads"] == 1
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def test_portable_runner_with_an_external_worker_pool(tmp_path, corpus, mobilene
                         "--runner=PortableRunner", f"--job_endpoint=localhost:{job_port}",
                         "--environment_type=EXTERNAL", f"--environment_config=localhost:{worker_port}") == 0
     _assert_complete(out, corpus)
-    assert json.loads((out / "run_report.json").read_text())["runner"] == "PortableRunner"
+    assert json.loads((out / "_run_report.json").read_text())["runner"] == "PortableRunner"
 
 
 def test_worker_processes_split_the_cores_between_them_unless_threads_are_set():

@@ -22,7 +22,7 @@ def test_run_report_counts_everything_and_names_the_software(tmp_path, corpus, m
     out = tmp_path / "out"
     assert run_pipeline("--input", f"{corpus}/*", "--output", str(out), "--model_handle", mobilenet_handle,
                         "--batch_size", "2") == 0
-    report = json.loads((out / "run_report.json").read_text())
+    report = json.loads((out / "_run_report.json").read_text())
     assert report["counts"] == {"inputs": 4, "embedded": 3, "skipped_existing": 0, "errors": 1,
                                 "errors_by_stage": {"decode": 1}}
     assert (report["model"], report["dim"], report["image_size"], report["runner"]) == (
@@ -56,7 +56,7 @@ def test_skip_existing_embeds_only_new_ids(tmp_path, corpus, mobilenet_handle):
                         "--skip_existing", str(first)) == 0
     assert read_embeddings(str(second)).column("id").to_pylist() == [str(corpus / "new.png")]
     assert read_errors(str(second)).column("id").to_pylist() == [str(corpus / "broken.png")]  # retried each night
-    counts = json.loads((second / "run_report.json").read_text())["counts"]
+    counts = json.loads((second / "_run_report.json").read_text())["counts"]
     assert counts == {"inputs": 5, "embedded": 1, "skipped_existing": 3, "errors": 1, "errors_by_stage": {"decode": 1}}
 
 
@@ -67,7 +67,7 @@ def test_skip_existing_refuses_a_previous_run_with_other_preprocessing(tmp_path,
             "--skip_existing", str(first), "--resize_mode", "center_crop")
     assert run_pipeline(*args) == 2
     assert "was made with another model or preprocessing (preprocessing:" in capsys.readouterr().err
-    assert not os.path.exists(second / "run_report.json")
+    assert not os.path.exists(second / "_run_report.json")
     assert run_pipeline(*args, "--force_full_run") == 0
     assert read_embeddings(str(second)).num_rows == 3
 

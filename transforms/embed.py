@@ -92,7 +92,8 @@ class HubEmbedder:
         if config.bfloat16:  # process-wide; takes effect for graphs traced after it
             tf.config.optimizer.set_experimental_options({"auto_mixed_precision_onednn_bfloat16": True})
         self._dim = config.dim
-        self._module = hub.load(config.handle)
+        with native_stderr_muted():  # the first device lookup prints "failed call to cuInit" on CPU machines
+            self._module = hub.load(config.handle)
         module = self._module
 
         @tf.function(input_signature=[tf.TensorSpec([None, config.image_size, config.image_size, 3], tf.uint8)])

@@ -8,7 +8,7 @@
                                     {"kind": "run", "run": NAME, ...}: runs/NAME finished and counts
                                     {"kind": "update", "update": NAME, ...}: updates/NAME/live-*.parquet is the
                                         input's (id, uri) listing as of that update: the live ids
-    ROOT/runs/NAME/                 an ordinary `pipeline.run` output (embeddings-*, errors-*, run_report.json)
+    ROOT/runs/NAME/                 an ordinary `pipeline.run` output (embeddings-*, errors-*, _run_report.json)
     ROOT/updates/NAME/              an update's plan: live-*, todo-* (to embed), errors-* (manifest rows), chunks/
     ROOT/locks/update.json          the lease of the update in progress (lease.py)
 
