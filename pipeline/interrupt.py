@@ -52,8 +52,12 @@ def _silent(args) -> None:
     """An exception of a thread left behind by an interrupted pipeline: expected, not worth a traceback."""
 
 
-def run_interruptibly(work: Callable[[], T]) -> T:
-    """work(), run so that Ctrl-C reaches only this (main) thread; the worker processes are killed if it comes."""
+def run_interruptibly(work: Callable[[], T], local_workers: bool = False) -> T:
+    """work(), run so that Ctrl-C reaches only this (main) thread; the worker processes are killed if it comes.
+
+    `local_workers`: the pipeline runs on DirectRunner here, whose worker processes are then started with
+    SIGINT ignored. Only then: a remote runner's submission runs `sys.executable -m pip ...` as a program.
+    """
     if threading.current_thread() is not threading.main_thread():
         return work()
     outcome: dict = {}
@@ -66,7 +70,8 @@ def run_interruptibly(work: Callable[[], T]) -> T:
 
     before = _descendants()
     python = sys.executable
-    sys.executable = f"trap '' INT; exec {shlex.quote(python)}"  # read by DirectRunner to start its workers
+    if local_workers:
+        sys.executable = f"trap '' INT; exec {shlex.quote(python)}"  # read by DirectRunner to start its workers
     try:
         thread = threading.Thread(target=target, name="pipeline", daemon=True)
         thread.start()

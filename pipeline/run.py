@@ -112,7 +112,7 @@ def run(config: JobConfig, beam_args: Sequence[str], announce: bool = True) -> d
     p = beam.Pipeline(options=options)
     build_pipeline(p, config, metadata, display.directory if display else None)
     with display or contextlib.nullcontext(), collector_frozen():
-        result, state = run_interruptibly(lambda: run_to_end(p))
+        result, state = run_interruptibly(lambda: run_to_end(p), local_workers=is_local_runner(options))
     if state not in (PipelineState.DONE, None):
         raise RuntimeError(f"The pipeline ended in state {state}.")
     finished = datetime.datetime.now(datetime.timezone.utc)

@@ -23,7 +23,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.index.lease import LeaseBusy, LeaseLost
+from pipeline.index.lease import LeaseBusy, LeaseLost, live_holder
 from pipeline.index.objects import StoreError, UnsupportedStore
 from pipeline.index.store import CommitRefused, IndexCorrupt, IndexRefused, IndexStore, now_iso
 from pipeline.index.update import DEFAULT_MAX_REMOVED, RemovalLimit, update_index
@@ -173,11 +173,8 @@ def _index_arg(argv: Sequence[str]) -> Optional[str]:
 # --- status and snapshot --------------------------------------------------------------------------------------
 
 def _running_update(store: IndexStore) -> Optional[str]:
-    found = store.objects.read(store.path("locks", "update.json"))
-    try:
-        return json.loads(found.data)["update"] if found else None
-    except (ValueError, KeyError, TypeError):
-        return "(unreadable lease)"
+    holder = live_holder(store.objects, store.path("locks"))
+    return holder["update"] if holder else None
 
 
 def status(argv: Sequence[str]) -> int:

@@ -21,7 +21,7 @@ import time
 import uuid
 from typing import Optional
 
-from pipeline.index.objects import Conflict, Version
+from pipeline.index.objects import Conflict, StoreError, Version
 
 LEASE_S = 120.0
 HEARTBEAT_S = 20.0
@@ -63,6 +63,24 @@ def _process_gone(holder: dict) -> bool:
     except (PermissionError, KeyError, ValueError):
         return False
     return False
+
+
+def live_holder(objects, folder: str, lease_s: float = LEASE_S) -> Optional[dict]:
+    """The lease's holder if it is alive (renewed within the lease by the store's clock, and not a process of
+    this machine that is gone); None when there is no live holder. For status: what runs now."""
+    current = objects.read(f"{folder.rstrip('/')}/update.json")
+    if current is None:
+        return None
+    try:
+        holder = json.loads(current.data)
+        holder["update"]
+    except (ValueError, KeyError, TypeError):
+        return {"update": "(an unreadable lease)"}
+    try:
+        age = objects.store_time(folder) - current.written_at
+    except StoreError:  # a reader without write access cannot probe the store's clock: assume it runs
+        age = 0.0
+    return holder if age <= lease_s and not _process_gone(holder) else None
 
 
 @dataclasses.dataclass

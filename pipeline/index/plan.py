@@ -22,6 +22,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipeline.index.store import IndexStore, LogEntry
 from pipeline.interrupt import run_interruptibly, run_to_end
 from pipeline.options import JobConfig
+from pipeline.runtime import is_local_runner
 from transforms.records import FAILED
 from transforms.sink import WriteErrors
 from transforms.source import ReadImageRefs
@@ -94,7 +95,8 @@ def plan_update(
     last = store.latest_update(entries)
     live_files = [(0, path) for path in store.live_files(last)] if last else []
     vector_files = [(run.seq, path) for run in store.committed_runs(entries) for path in store.run_files(run)]
-    p = beam.Pipeline(options=PipelineOptions(list(beam_args)))
+    options = PipelineOptions(list(beam_args))
+    p = beam.Pipeline(options=options)
     inputs = p | "ReadInputs" >> ReadImageRefs(config.input, (), config.tfrecord_features)
     keyed = {
         "input": inputs["refs"] | "KeyInputs" >> beam.Map(lambda ref: (ref.id, ref.uri)),
@@ -108,7 +110,7 @@ def plan_update(
     _ = plan.todo | "WriteTodo" >> _write_pairs(FileSystems.join(folder, "todo"))
     refused = inputs[FAILED] | "CountRefused" >> beam.Map(_count_refused)
     _ = refused | "WriteRefused" >> WriteErrors(folder)
-    result, _ = run_interruptibly(lambda: run_to_end(p))
+    result, _ = run_interruptibly(lambda: run_to_end(p), local_workers=is_local_runner(options))
     found = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
     totals = {kind: 0 for kind in (*KINDS, "refused")}
     for metric in found:
