@@ -140,7 +140,8 @@ def test_create_records_the_model_so_updates_repeat_nothing_and_another_model_is
     assert identity["handle"] == mobilenet_handle and "center_crop" in identity["preprocessing"]
     capsys.readouterr()
     assert update(root, "--input", str(tmp_path / "imgs")) == 0  # no --model_handle, no --resize_mode
-    assert "2 new" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "2 new" in out and "WARNING: the index holds vectors of a random-weight stand-in model" in out
     assert "center_crop" in pq.read_schema(
         next(p for p in (tmp_path / "index" / "runs").glob("*/embeddings-*.parquet"))).metadata[
         b"embedding.preprocessing"].decode()

@@ -35,6 +35,7 @@ from pipeline.preflight import check_model, metadata_differences, output_metadat
 from pipeline.report import software_versions
 from pipeline.interrupt import INTERRUPTED, exit_with
 from pipeline.run import PREFLIGHT_ERRORS, choose_engine, run
+from pipeline.standin_models import STANDIN_WARNING
 from pipeline.runtime import configure_logging
 from transforms.records import plural
 from transforms.source import input_kind, plan_input
@@ -149,6 +150,8 @@ def update(argv: Sequence[str]) -> int:
     print(f"Index {store.root} updated: {counts.new} new, {counts.updated} updated, {counts.removed} removed, "
           f"{counts.unchanged} unchanged, {failed} failed ({outcome.embedded} embedded in "
           f"{plural(outcome.runs, 'run')}).")
+    if identity.get("weights", "").startswith("STAND-IN"):
+        print(f"WARNING: the index holds vectors of a {STANDIN_WARNING}.")
     if failed:
         print(f"Failures: {store.root}/runs/{outcome.name}-*/errors-*.parquet and "
               f"{store.root}/updates/{outcome.name}/errors-*.parquet; the next update tries them again.")
