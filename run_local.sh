@@ -9,12 +9,12 @@ OUT="${1:-out/local}"
 shift || true
 MODEL=mobilenet_v2_130_224
 
-standin=0
 if handle=$(python -m pipeline.models available "$MODEL"); then
   handle_args=()
 else
-  standin=1
-  echo "tfhub.dev cannot be reached: using a random-weight stand-in model (built once, about 30 s the first time)." >&2
+  echo "tfhub.dev cannot be reached: using a random-weight stand-in (python -m pipeline.standin_models; built once," \
+    "about 30 s the first time): vectors NOT MEANINGFUL; for real ones see \"Models without a route to the hub\" in" \
+    "README.md." >&2
   log=$(mktemp)
   if ! handle=$(python -m pipeline.standin_models --model "$MODEL" --output .cache/standins 2>"$log"); then
     cat "$log" >&2
@@ -26,8 +26,4 @@ fi
 
 status=0
 python -m pipeline.run --input samples --output "$OUT" --model "$MODEL" "${handle_args[@]}" --overwrite "$@" || status=$?
-if [ "$standin" = 1 ]; then  # after the summary, so that the summary is the first thing a reader sees
-  echo "NOTE: tfhub.dev cannot be reached, so this ran a random-weight stand-in (python -m pipeline.standin_models):" \
-    "vectors NOT MEANINGFUL; for real ones see \"Models without a route to the hub\" in README.md." >&2
-fi
 exit "$status"

@@ -65,22 +65,36 @@ def _process_gone(holder: dict) -> bool:
     return False
 
 
-def live_holder(objects, folder: str, lease_s: float = LEASE_S) -> Optional[dict]:
-    """The lease's holder if it is alive (renewed within the lease by the store's clock, and not a process of
-    this machine that is gone); None when there is no live holder. For status: what runs now."""
-    current = objects.read(f"{folder.rstrip('/')}/update.json")
-    if current is None:
-        return None
+def _holder(current: Version) -> Optional[dict]:
+    """The holder a lease object names, or None when it cannot be read as a lease."""
     try:
         holder = json.loads(current.data)
         holder["update"]
     except (ValueError, KeyError, TypeError):
+        return None
+    return holder
+
+
+def _renewed_ago(objects, folder: str, current: Version, holder: dict, lease_s: float) -> Optional[float]:
+    """Seconds since the lease's last renewal by the store's clock while it is alive; None once it is dead
+    (older than `lease_s`, or held by a process of this machine that is gone)."""
+    age = objects.store_time(folder) - current.written_at
+    return age if age <= lease_s and not _process_gone(holder) else None
+
+
+def live_holder(objects, folder: str, lease_s: float = LEASE_S) -> Optional[dict]:
+    """The lease's holder if it is alive; None when there is no live holder. For status: what runs now."""
+    current = objects.read(f"{folder.rstrip('/')}/update.json")
+    if current is None:
+        return None
+    holder = _holder(current)
+    if holder is None:
         return {"update": "(an unreadable lease)"}
     try:
-        age = objects.store_time(folder) - current.written_at
+        alive = _renewed_ago(objects, folder, current, holder, lease_s) is not None
     except StoreError:  # a reader without write access cannot probe the store's clock: assume it runs
-        age = 0.0
-    return holder if age <= lease_s and not _process_gone(holder) else None
+        alive = True
+    return holder if alive else None
 
 
 @dataclasses.dataclass
@@ -129,16 +143,14 @@ class UpdateLease:
                 return
             except Conflict:
                 raise LeaseBusy(f"Another update took the lease {self.path} just now; try again later.") from None
-        try:
-            holder = json.loads(current.data)
-            holder["update"]
-        except (ValueError, KeyError, TypeError):
+        holder = _holder(current)
+        if holder is None:
             raise LeaseBusy(
                 f"The update lease {self.path} cannot be read as one ({current.data[:80]!r}); it is never deleted "
                 f"automatically. If no update of this index is running, delete that file and run again."
-            ) from None
-        age = self._objects.store_time(self.folder) - current.written_at
-        if age <= self.lease_s and not _process_gone(holder):
+            )
+        age = _renewed_ago(self._objects, self.folder, current, holder, self.lease_s)
+        if age is not None:
             raise LeaseBusy(
                 f"Another update ({holder['update']}, pid {holder.get('pid')} on {holder.get('host')}) holds the "
                 f"lease of this index, renewed {max(age, 0):.0f} s ago by the store's clock. Try again when it has "
