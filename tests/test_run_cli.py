@@ -57,10 +57,12 @@ def test_an_unreachable_hub_is_a_clear_error_and_never_a_fallback(tmp_path, caps
 
 
 def test_a_model_whose_output_dim_differs_from_the_declared_one_is_refused(tmp_path, capsys, mobilenet_handle):
-    code = run_pipeline("--input", f"{SAMPLES}/*", "--output", str(tmp_path / "o"), "--model", "custom",
-                        "--model_handle", mobilenet_handle, "--image_size", "224", "--embedding_dim", "1000")
     mobilenet = MODELS["mobilenet_v2_130_224"]
-    assert code == 2 and (f"is not 1000-dim: it takes 224x224 images to {mobilenet.dim}-dim vectors, as "
+    code = run_pipeline("--input", f"{SAMPLES}/*", "--output", str(tmp_path / "o"), "--model", "custom",
+                        "--model_handle", mobilenet_handle, "--image_size", str(mobilenet.input_size),
+                        "--embedding_dim", "1000")
+    assert code == 2 and (f"is not 1000-dim: it takes {mobilenet.input_size}x{mobilenet.input_size} images to "
+                          f"{mobilenet.dim}-dim vectors, as "
                           f"{mobilenet.name} does: pass --model {mobilenet.name}.") in capsys.readouterr().err
 
 
