@@ -1,4 +1,4 @@
-"""The pipeline's shape: source -> decode/resize -> embed -> Parquet, with every failure kept."""
+"""The pipeline's shape: source -> decode/resize -> embed -> Parquet -> done marker, with every failure kept."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from transforms.decode import DecodeImages
 from transforms.embed import EmbedImages
 from transforms.progress import CountDone
 from transforms.records import FAILED
-from transforms.sink import EMBEDDINGS_PREFIX, WriteEmbeddings, WriteErrors, output_files_pattern
+from transforms.sink import EMBEDDINGS_PREFIX, MarkFinished, WriteEmbeddings, WriteErrors, output_files_pattern
 from transforms.source import SKIPPED, ReadImageRefs
 
 
@@ -37,5 +37,9 @@ def build_pipeline(
         embeddings = embeddings | "CountEmbedded" >> beam.ParDo(CountDone(run_id, progress_dir, config.progress_interval_s))
         failures = failures | "CountFailed" >> beam.ParDo(CountDone(run_id, progress_dir, config.progress_interval_s))
         _ = inputs[SKIPPED] | "CountSkipped" >> beam.ParDo(CountDone(run_id, progress_dir, config.progress_interval_s))
-    _ = embeddings | "WriteEmbeddings" >> WriteEmbeddings(config.output_dir, config.model.dim, metadata)
-    _ = failures | "WriteErrors" >> WriteErrors(config.output_dir)
+    written = (
+        embeddings | "WriteEmbeddings" >> WriteEmbeddings(config.output_dir, config.model.dim, metadata),
+        failures | "WriteErrors" >> WriteErrors(config.output_dir),
+    ) | "WrittenFiles" >> beam.Flatten()
+    _ = {"files": written, "embedded": embeddings, "errors": failures, "skipped_existing": inputs[SKIPPED]} \
+        | "MarkFinished" >> MarkFinished(config.output_dir)

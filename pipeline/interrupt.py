@@ -56,9 +56,10 @@ def run_interruptibly(work: Callable[[], T], local_workers: bool = False) -> T:
     """work(), run so that Ctrl-C reaches only this (main) thread; the worker processes are killed if it comes.
 
     `local_workers`: the pipeline runs on DirectRunner here, whose worker processes are then started with
-    SIGINT ignored. Only then: a remote runner's submission runs `sys.executable -m pip ...` as a program.
+    SIGINT ignored. Otherwise work() runs in this thread as it is: a remote runner's workers are not ours to
+    stop, and the FlinkRunner's job-server launcher installs a SIGINT handler, which only the main thread may.
     """
-    if threading.current_thread() is not threading.main_thread():
+    if not local_workers or threading.current_thread() is not threading.main_thread():
         return work()
     outcome: dict = {}
 
@@ -70,8 +71,7 @@ def run_interruptibly(work: Callable[[], T], local_workers: bool = False) -> T:
 
     before = _descendants()
     python = sys.executable
-    if local_workers:
-        sys.executable = f"trap '' INT; exec {shlex.quote(python)}"  # read by DirectRunner to start its workers
+    sys.executable = f"trap '' INT; exec {shlex.quote(python)}"  # read by DirectRunner to start its workers
     try:
         thread = threading.Thread(target=target, name="pipeline", daemon=True)
         thread.start()

@@ -9,13 +9,15 @@ import uuid
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.sink import EMBEDDINGS_PREFIX, ERRORS_PREFIX, METADATA_PREFIX, output_files_pattern
+from transforms.sink import EMBEDDINGS_PREFIX, ERRORS_PREFIX, METADATA_PREFIX, PIPELINE_DONE, output_files_pattern
 
 
-# Written last: its presence marks a finished run. The leading underscore makes dataset readers (pyarrow, pandas,
-# Spark, DuckDB's hive reader) skip it, so that a reader of the folder sees only Parquet.
+# Written last by the launcher. The leading underscore makes dataset readers (pyarrow, pandas, Spark, DuckDB's hive
+# reader) skip it, so that a reader of the folder sees only Parquet.
 RUN_REPORT = "_run_report.json"
 LEGACY_RUN_REPORT = "run_report.json"  # the name before: runs written then are finished runs too
+# Any of these marks a finished run: the pipeline's own marker is there even when the launcher died before the end.
+FINISHED_MARKERS = (RUN_REPORT, PIPELINE_DONE, LEGACY_RUN_REPORT)
 
 
 class OutputDirError(ValueError):
@@ -36,7 +38,7 @@ def earlier_results(output_dir: str, overwrite: bool) -> list[str]:
     Mixing two runs' shards in one directory would silently double or lose rows for every reader.
     """
     previous = _output_files(output_dir, EMBEDDINGS_PREFIX) + _output_files(output_dir, ERRORS_PREFIX)
-    for name in (RUN_REPORT, LEGACY_RUN_REPORT):
+    for name in FINISHED_MARKERS:
         report = FileSystems.join(output_dir, name)
         if FileSystems.exists(report):
             previous.append(report)
@@ -67,8 +69,8 @@ def prepare_output_dir(output_dir: str, replaced: list[str]) -> None:
 
 
 def is_finished_run(output_dir: str) -> bool:
-    """Only a run whose report was written (last, after both sinks finished) is a complete result."""
-    return any(FileSystems.exists(FileSystems.join(output_dir, name)) for name in (RUN_REPORT, LEGACY_RUN_REPORT))
+    """Only a run with a finished marker (written after both sinks finished) is a complete result."""
+    return any(FileSystems.exists(FileSystems.join(output_dir, name)) for name in FINISHED_MARKERS)
 
 
 @dataclasses.dataclass

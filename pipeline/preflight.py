@@ -19,7 +19,7 @@ from pipeline.engine import describe as describe_engine
 from pipeline.fingerprint import model_fingerprint
 from pipeline.models import handle_available
 from pipeline.options import JobConfig
-from pipeline.outputs import LEGACY_RUN_REPORT, RUN_REPORT, is_finished_run, summarize_outputs
+from pipeline.outputs import FINISHED_MARKERS, PIPELINE_DONE, RUN_REPORT, is_finished_run, summarize_outputs
 from pipeline.standin_models import STANDIN_WARNING, standin_info
 from transforms.embed import EmbedConfig, HubEmbedder, ModelOutputError, load_embedder
 
@@ -164,10 +164,11 @@ def expand_previous_outputs(values) -> list[str]:
     folders = []
     for value in values:
         if any(ch in value for ch in "*?["):
-            found = sorted({m.path.rsplit("/", 1)[0] for name in (RUN_REPORT, LEGACY_RUN_REPORT)
+            found = sorted({m.path.rsplit("/", 1)[0] for name in FINISHED_MARKERS
                             for m in FileSystems.match([FileSystems.join(value, name)])[0].metadata_list})
             if not found:
-                raise IncrementalRunError(f"--skip_existing {value} matches no finished run (no {RUN_REPORT} below it).")
+                raise IncrementalRunError(f"--skip_existing {value} matches no finished run (no {RUN_REPORT} or "
+                                          f"{PIPELINE_DONE} below it).")
             folders += found
         else:
             folders.append(value.rstrip("/"))
@@ -188,7 +189,7 @@ def check_previous_outputs(config: JobConfig, metadata: dict[str, str]) -> None:
             raise IncrementalRunError(f"--skip_existing {folder} holds no embeddings-*.parquet files.")
         if not is_finished_run(folder):
             raise IncrementalRunError(
-                f"--skip_existing {folder} is not a finished run (no {RUN_REPORT}): its files may be "
+                f"--skip_existing {folder} is not a finished run (no {RUN_REPORT} or {PIPELINE_DONE}): its files may be "
                 f"partial. Rerun it, or pass --force_full_run to embed everything."
             )
         differences = metadata_differences(previous.metadata, metadata)

@@ -1,5 +1,6 @@
 """The command line: documented options, and clear errors before any work starts."""
 
+import json
 import os
 import signal
 import subprocess
@@ -144,11 +145,28 @@ def test_an_unfinished_run_is_not_accepted_as_an_earlier_output(tmp_path, capsys
     first = tmp_path / "first"
     assert run_pipeline("--input", f"{SAMPLES}/rocket.jpg*", "--output", str(first), "--model_handle",
                         mobilenet_handle) == 0
-    (first / "_run_report.json").unlink()  # as if the run died between its sinks and its report
+    for marker in ("_run_report.json", "_pipeline_done.json"):
+        (first / marker).unlink()  # as if the job died between its sinks and its last step
     code = run_pipeline("--input", f"{SAMPLES}/*", "--output", str(tmp_path / "second"), "--model_handle",
                         mobilenet_handle, "--skip_existing", str(first))
-    assert code == 2 and "is not a finished run (no _run_report.json)" in capsys.readouterr().err
+    assert code == 2
+    assert "is not a finished run (no _run_report.json or _pipeline_done.json)" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "second")
+
+
+def test_the_job_marks_its_output_finished_itself_so_a_lost_launcher_costs_no_rerun(tmp_path, mobilenet_handle):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert run_pipeline("--input", f"{SAMPLES}/*", "--output", str(first), "--model_handle", mobilenet_handle) == 0
+    report = json.loads((first / "_run_report.json").read_text())["counts"]
+    marker = json.loads((first / "_pipeline_done.json").read_text())
+    assert marker["counts"] == {"embedded": report["embedded"], "errors": report["errors"], "skipped_existing": 0}
+    assert marker["files"] == sorted(p.name for p in first.glob("*.parquet"))
+    (first / "_run_report.json").unlink()  # the launcher's laptop slept before the job ended; the job did not
+
+    assert run_pipeline("--input", f"{SAMPLES}/*", "--output", str(second), "--model_handle", mobilenet_handle,
+                        "--skip_existing", str(first)) == 0
+    counts = json.loads((second / "_run_report.json").read_text())["counts"]
+    assert (counts["embedded"], counts["skipped_existing"]) == (0, report["embedded"])
 
 
 def test_ctrl_c_during_a_run_says_one_line_leaves_no_partial_files_and_exits_130(tmp_path, mobilenet_handle):

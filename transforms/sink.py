@@ -4,6 +4,9 @@
                                                 (of the encoded bytes), embedding fixed_size_list<float32>[dim]
     OUT_DIR/errors-SSSSS-of-NNNNN.parquet       id, uri, stage, error (all strings)
 
+    OUT_DIR/_pipeline_done.json                 written by the pipeline itself once both sinks finished: the
+                                                counts and file names (a launcher that died meanwhile is not needed)
+
 Rows are converted to Arrow in batches (one numpy concatenate per batch, no per-float Python work)
 and written with Beam's file sink, which writes temporary files and renames them only when the
 whole write has succeeded.
@@ -12,6 +15,9 @@ whole write has succeeded.
 from __future__ import annotations
 
 from typing import Mapping, Sequence
+
+import datetime
+import json
 
 import apache_beam as beam
 import numpy as np
@@ -25,6 +31,7 @@ EMBEDDINGS_PREFIX = "embeddings"
 ERRORS_PREFIX = "errors"
 PARQUET_SUFFIX = ".parquet"
 METADATA_PREFIX = "embedding."
+PIPELINE_DONE = "_pipeline_done.json"
 _ROWS_PER_TABLE = 1024
 
 
@@ -109,3 +116,38 @@ class WriteErrors(_WriteParquet):
 
     def __init__(self, output_dir: str):
         super().__init__(FileSystems.join(output_dir, ERRORS_PREFIX), ERRORS_SCHEMA, errors_table)
+
+
+class MarkFinished(beam.PTransform):
+    """Writes OUT_DIR/_pipeline_done.json as the job's last step, after both sinks renamed their files.
+
+    A long job on a remote runner outlives its launcher when a laptop sleeps or a Cloud Shell drops; the launcher's
+    run report is then never written, but this marker is, so the finished output still counts as a finished run.
+    Input: {"files": the sinks' outputs (final paths), "embedded"/"errors"/"skipped_existing": PCollections to count}.
+    """
+
+    def __init__(self, output_dir: str):
+        super().__init__()
+        self._output_dir = output_dir
+
+    def expand(self, parts):
+        counts = {name: beam.pvalue.AsSingleton(pcoll | f"Count_{name}" >> beam.combiners.Count.Globally())
+                  for name, pcoll in parts.items() if name != "files"}
+        output_dir = self._output_dir
+        return (
+            parts["files"]
+            | "FileNames" >> beam.combiners.ToList()
+            | "Write" >> beam.Map(_write_marker, output_dir, **counts)
+        )
+
+
+def _write_marker(files, output_dir, **counts) -> str:
+    path = FileSystems.join(output_dir, PIPELINE_DONE)
+    marker = {
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "counts": counts,
+        "files": sorted(name.rsplit("/", 1)[-1] for name in files),
+    }
+    with FileSystems.create(path) as f:
+        f.write(json.dumps(marker, indent=2).encode())
+    return path

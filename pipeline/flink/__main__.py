@@ -1,0 +1,58 @@
+"""python -m pipeline.flink fetch | up [--folder DIR] [--taskmanagers N] [--slots N]
+
+fetch  downloads Flink and builds Beam's Flink job server into the cache (once), and prints their paths.
+up     starts a JobManager, N TaskManagers and an SDK worker pool on 127.0.0.1, prints the flags that send
+       `pipeline.run` / `pipeline.index update` to it, and stops everything on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import sys
+import tempfile
+
+from pipeline.flink.dist import DEFAULT_CACHE, FlinkSetupError, flink_home, job_server_jar
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.flink", description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=("fetch", "up"))
+    parser.add_argument("--cache", default=DEFAULT_CACHE, help="Where Flink and the job-server jar are kept.")
+    parser.add_argument("--folder", help="The cluster's configuration, logs and temporary files (default: a new "
+                                         "temporary folder).")
+    parser.add_argument("--taskmanagers", type=int, default=2)
+    parser.add_argument("--slots", type=int, default=2, help="Task slots per TaskManager.")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "fetch":
+            print(f"FLINK_HOME={flink_home(args.cache)}")
+            print(f"--flink_job_server_jar={job_server_jar(args.cache)}")
+            return 0
+        from pipeline.flink.cluster import LocalFlink
+
+        folder = args.folder or tempfile.mkdtemp(prefix="local-flink-")
+        cluster = LocalFlink(folder, args.taskmanagers, args.slots, args.cache).start()
+    except (FlinkSetupError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        print(f"Flink {os.path.basename(cluster.home)}: JobManager and {args.taskmanagers} TaskManagers running; "
+              f"web UI http://{cluster.master}; logs in {folder}/log.")
+        print("Send jobs to it with these Beam options (Ctrl-C here stops the cluster):")
+        print("  " + " ".join(shlex.quote(arg) for arg in cluster.beam_args(parallelism=args.slots)))
+        sys.stdout.flush()
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    except KeyboardInterrupt:
+        pass
+    finally:
+        cluster.stop()
+        print("Flink stopped.")
+    return 0
+
+
+if __name__ == "__main__":
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # taken by sigwait in main()
+    sys.exit(main())
