@@ -15,7 +15,7 @@ import numpy as np
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.engine import describe as describe_engine
+from pipeline.engine import default_cache, describe as describe_engine, planned_engine
 from pipeline.fingerprint import model_fingerprint
 from pipeline.models import handle_available
 from pipeline.options import JobConfig
@@ -37,6 +37,32 @@ class ModelCheckError(RuntimeError):
 
 class IncrementalRunError(ValueError):
     """--skip_existing names an output that cannot be extended by this run."""
+
+
+class WorkerStorageError(ValueError):
+    """A remote runner's workers would look for something where only the launcher has it."""
+
+
+def check_worker_storage(config: JobConfig, runner: str, compiled_cache: Optional[str], temp_location: Optional[str]):
+    """On a remote runner, workers read the model, the inputs, the compiled cache and the outputs themselves.
+
+    The compiled cache's default without --temp_location is the launcher's home, which no worker reads: refused
+    before the job starts. Other local paths work only where every worker sees them at the same place (a
+    cluster on this machine, a shared mount): returns one warning naming them, or None.
+    """
+    needs_cache = planned_engine(config.engine, config.model.name, config.embed.bfloat16) == "litert"
+    if needs_cache and compiled_cache is None and not temp_location:
+        raise WorkerStorageError(
+            f"On {runner} the workers load the compiled model from --compiled_cache, which defaults to "
+            f"{default_cache(None)} on this machine, where no worker reads it. Pass --temp_location or "
+            f"--compiled_cache on storage every worker reads (gs://BUCKET/..., or a mount they all share).")
+    paths = {"--input": config.input, "--output": config.output_dir, "--model_handle": config.model.handle,
+             **({"--compiled_cache": compiled_cache or default_cache(temp_location)} if needs_cache else {})}
+    local = [f"{flag} {path}" for flag, path in paths.items() if "://" not in path]
+    if not local:
+        return None
+    return (f"WARNING: on {runner} every worker reads these local paths itself: {', '.join(local)}. That works on a "
+            f"cluster on this machine or with a mount every worker shares at the same path, not otherwise.")
 
 
 def _saved_model_inside(handle: str) -> Optional[str]:

@@ -35,10 +35,12 @@ from pipeline.outputs import RUN_REPORT, OutputDirError, earlier_results, prepar
 from pipeline.preflight import (
     IncrementalRunError,
     ModelCheckError,
+    WorkerStorageError,
     check_compiled,
     check_handle,
     check_model,
     check_previous_outputs,
+    check_worker_storage,
     expand_previous_outputs,
     output_metadata,
 )
@@ -57,7 +59,8 @@ from transforms.embed import EmbedConfig
 from transforms.source import SKIPPED_COUNTER, ManifestError, plan_input
 
 # Errors that refuse a run before any work: exit code 2.
-PREFLIGHT_ERRORS = (ManifestError, OutputDirError, ModelCheckError, IncrementalRunError, EngineError)
+PREFLIGHT_ERRORS = (ManifestError, OutputDirError, ModelCheckError, IncrementalRunError, EngineError,
+                    WorkerStorageError)
 
 
 def choose_engine(config: JobConfig, options: PipelineOptions, registry) -> EmbedConfig:
@@ -84,6 +87,16 @@ def _settle_engine(config: JobConfig, options: PipelineOptions, registry) -> Emb
     if note:
         print(note, file=sys.stderr, flush=True)
     return embed
+
+
+def check_workers_reach(config: JobConfig, beam_args: Sequence[str]) -> None:
+    """On a remote runner: refuses a compiled cache no worker reads, warns about local paths (WorkerStorageError)."""
+    options = PipelineOptions(beam_args)
+    if not is_local_runner(options):
+        warning = check_worker_storage(config, runner_name(options), config.compiled_cache,
+                                       options.view_as(GoogleCloudOptions).temp_location)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
 
 
 def run(config: JobConfig, beam_args: Sequence[str], announce: bool = True) -> dict:
@@ -162,6 +175,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     config, beam_args = parse_args(argv)
     configure_logging(config.verbose)
     try:
+        check_workers_reach(config, beam_args)
         report = run(config, beam_args)
     except PREFLIGHT_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)

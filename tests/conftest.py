@@ -9,6 +9,7 @@ import pytest
 from helpers import REPO, SAMPLES
 
 STANDIN_CACHE = os.environ.get("STANDIN_CACHE_DIR", os.path.join(REPO, ".cache", "standins"))
+FLINK_CACHE = os.environ.get("FLINK_CACHE_DIR", os.path.join(REPO, ".cache", "flink"))
 
 
 def _standin(name: str) -> str:
@@ -37,6 +38,18 @@ def fake_gcs():
     emulator = FakeGcs()
     yield emulator
     emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def flink(tmp_path_factory):
+    """A real Flink cluster for the session: a JobManager, two TaskManagers (JVMs) and an SDK worker pool.
+
+    The first session downloads Flink from PyPI and builds Beam's job server with Maven (about 2 minutes, cached).
+    """
+    from pipeline.flink.cluster import LocalFlink
+
+    with LocalFlink(str(tmp_path_factory.mktemp("flink")), taskmanagers=2, slots=2, cache=FLINK_CACHE) as cluster:
+        yield cluster
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
 """A Flink session cluster on 127.0.0.1: one JobManager and N TaskManagers as separate JVM processes, plus one
 Beam SDK worker pool (the EXTERNAL environment every TaskManager's Python stages run in).
 
-Tuned for a job to survive a lost TaskManager: heartbeats time out after 8 s, a failed job restarts up to 3 times,
-and each TaskManager has slots for the whole job, so one TaskManager can carry it alone.
+Tuned for a job to survive a lost TaskManager: heartbeats time out after 8 s, a failed job restarts (up to 5 times
+in a row, backing off from 1 to 10 s), and each TaskManager has slots for the whole job, so one can carry it alone.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class LocalFlink:
     """Start with `start()` (or `with LocalFlink(folder) as flink:`); `beam_args()` are the flags a job needs."""
 
     def __init__(self, folder: str, taskmanagers: int = 2, slots: int = 2, cache: str = DEFAULT_CACHE,
-                 taskmanager_memory: str = "2048m"):
+                 taskmanager_memory: str = "2560m"):
         self.folder = os.path.abspath(folder)
         self.slots = slots
         self.home = flink_home(cache)
@@ -83,15 +83,18 @@ class LocalFlink:
             "jobmanager.memory.process.size": "1024m",
             "taskmanager.memory.process.size": self._taskmanager_memory,
             # Beam's batch translation opens many shuffles at once: Flink's default network memory is too little.
-            "taskmanager.memory.network.min": "256mb",
-            "taskmanager.memory.network.max": "256mb",
+            "taskmanager.memory.network.min": "512mb",
+            "taskmanager.memory.network.max": "512mb",
             "taskmanager.numberOfTaskSlots": self.slots,
             "parallelism.default": self.slots,
             "heartbeat.interval": 1000,
             "heartbeat.timeout": 8000,
-            "restart-strategy.type": "fixed-delay",
-            "restart-strategy.fixed-delay.attempts": 3,
-            "restart-strategy.fixed-delay.delay": "2 s",
+            # One lost TaskManager fails several tasks at once: fixed-delay counts each as an attempt (4 of them
+            # exhausted 3 attempts in 0.07 s here); exponential-delay counts failures of one moment once (FLIP-364).
+            "restart-strategy.type": "exponential-delay",
+            "restart-strategy.exponential-delay.initial-backoff": "1 s",
+            "restart-strategy.exponential-delay.max-backoff": "10 s",
+            "restart-strategy.exponential-delay.attempts-before-reset-backoff": 5,
             "io.tmp.dirs": tmp,
         }
         with open(os.path.join(conf, "config.yaml"), "w") as f:
@@ -154,7 +157,19 @@ class LocalFlink:
         if wait:
             self._wait(lambda: self.overview()["taskmanagers"] == self.live_taskmanagers(), "TaskManager")
 
-    def kill_taskmanager(self, index: int = 0) -> None:
+    def busy_taskmanager(self) -> int:
+        """The index of a live TaskManager running tasks now (Flink may place a whole job on one of them)."""
+        with urllib.request.urlopen(f"http://{self.master}/taskmanagers", timeout=5) as answer:
+            busy = {tm["id"] for tm in json.load(answer)["taskmanagers"] if tm["freeSlots"] < tm["slotsNumber"]}
+        for index, process in enumerate(self.taskmanagers):
+            if process.poll() is None:
+                with open(os.path.join(self.folder, "log", f"taskmanager-{index}.log"), errors="replace") as f:
+                    found = re.search(r"Starting TaskManager with ResourceID: (\S+)", f.read())
+                if found and found.group(1) in busy:
+                    return index
+        raise RuntimeError("No TaskManager is running a task.")
+
+    def kill_taskmanager(self, index: int) -> None:
         """SIGKILL to a TaskManager's JVM, as a machine loss would do: no shutdown hook runs."""
         process = self.taskmanagers[index]
         self._killed.append(process)

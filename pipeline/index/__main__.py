@@ -34,13 +34,15 @@ from pipeline.outputs import RUN_REPORT, earlier_results, prepare_output_dir, su
 from pipeline.preflight import check_model, metadata_differences, output_metadata
 from pipeline.report import software_versions
 from pipeline.interrupt import INTERRUPTED, exit_with
-from pipeline.run import PREFLIGHT_ERRORS, choose_engine, run
+from pipeline.run import PREFLIGHT_ERRORS, check_workers_reach, choose_engine, run
 from pipeline.standin_models import STANDIN_WARNING
-from pipeline.runtime import configure_logging
+from pipeline.runtime import configure_logging, is_local_runner
 from transforms.records import plural
 from transforms.source import input_kind, plan_input
 
 DEFAULT_RUN_SIZE = 10_000  # minutes of work per run on a laptop: a crash costs at most that
+# Remote runners retry failed bundles themselves and pay minutes of start-up per job: a night is one job.
+REMOTE_RUN_SIZE = 1_000_000
 INDEX_HELP = "The index folder: local (or mounted) or gs://."
 
 
@@ -88,8 +90,10 @@ def _update_parser() -> argparse.ArgumentParser:
                           "is new or changed, drop what left, retry what failed, with the model and preprocessing "
                           "recorded by create. Resumes after a crash.", single_run=False)
     parser.add_argument("--index", required=True, help=INDEX_HELP + " Made by python -m pipeline.index create.")
-    parser.add_argument("--run_size", type=positive_int, default=DEFAULT_RUN_SIZE,
-                        help="At most this many inputs per run; a crash costs at most one run. Default: %(default)s.")
+    parser.add_argument("--run_size", type=positive_int,
+                        help="At most this many inputs per run (one Beam job each); a crash costs at most one run. "
+                        f"Default: {DEFAULT_RUN_SIZE:,} on DirectRunner, {REMOTE_RUN_SIZE:,} on remote runners "
+                        "(they retry failed work themselves, and each job pays its start-up).")
     parser.add_argument("--max_removed", type=RemovalLimit.parse, default=RemovalLimit.parse(DEFAULT_MAX_REMOVED),
                         metavar="SHARE_OR_COUNT",
                         help="Refuse (exit 2, nothing changed) an update that would remove more of the live ids than "
@@ -135,6 +139,7 @@ def update(argv: Sequence[str]) -> int:
     if not found.inputs:
         raise IndexRefused(f"--input {config.input} holds no {found.unit}: an update from it would remove every id "
                            f"of the index. Nothing was changed; check --input (a manifest not written yet?).")
+    check_workers_reach(dataclasses.replace(config, output_dir=store.root), beam_args)
     config = dataclasses.replace(config, embed=choose_engine(config, PipelineOptions(beam_args),
                                                              MODELS.get(config.model.name)))
     differences = metadata_differences(identity, output_metadata(config))
@@ -143,7 +148,8 @@ def update(argv: Sequence[str]) -> int:
             f"The index {store.root} holds vectors of another model or preprocessing ({'; '.join(differences)}). "
             f"Use another --index for this model, or the model and options the index was made with."
         )
-    outcome = update_index(store, config, beam_args, args.run_size, args.max_removed,
+    run_size = args.run_size or (DEFAULT_RUN_SIZE if is_local_runner(PipelineOptions(beam_args)) else REMOTE_RUN_SIZE)
+    outcome = update_index(store, config, beam_args, run_size, args.max_removed,
                            run=lambda chunk_config, chunk_args: run(chunk_config, chunk_args, announce=False),
                            say=lambda text: print(text, flush=True))
     counts, failed = outcome.counts, outcome.failed

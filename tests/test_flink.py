@@ -1,0 +1,152 @@
+"""On a real Flink cluster: a JobManager and two TaskManagers as their own JVMs, Beam's Flink job server, and the
+Python stages in an SDK worker pool (`--environment_type EXTERNAL`). The same commands as the README's."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from helpers import REPO, encode, new_index, photo, read_embeddings, read_errors, run_pipeline, tiles, vectors_by_id, \
+    write_manifest
+from pipeline.index.__main__ import main as index_main
+
+
+@pytest.fixture(scope="module")
+def mixed_corpus(tmp_path_factory):
+    """A manifest of 10 images, 3 files that are no image, and 1 that does not exist: (manifest, good ids, bad ids)."""
+    folder = tmp_path_factory.mktemp("mixed")
+    good = [(f"img-{n}", path) for n, path in enumerate(tiles(folder / "images", 10))]
+    truncated = encode(photo("astronaut")[:200, :200], "JPEG")
+    hostile = {"truncated.jpg": truncated[:len(truncated) // 2], "empty.jpg": b"", "notes.jpg": b"not an image\n"}
+    for name, data in hostile.items():
+        (folder / name).write_bytes(data)
+    bad = [(name.split(".")[0], str(folder / name)) for name in hostile] + [("missing", str(folder / "missing.png"))]
+    return write_manifest(folder / "manifest.csv", good + bad), [i for i, _ in good], [i for i, _ in bad]
+
+
+def _every_input_once(out, good_ids, bad_ids):
+    embedded = read_embeddings(str(out)).column("id").to_pylist()
+    failed = read_errors(str(out)).column("id").to_pylist()
+    assert sorted(embedded) == sorted(good_ids) and sorted(failed) == sorted(bad_ids)
+
+
+def test_a_run_on_flink_accounts_for_every_input_once_with_direct_runner_vectors(
+        tmp_path, flink, mixed_corpus, mobilenet_handle, capfd):
+    manifest, good_ids, bad_ids = mixed_corpus
+    cache = tmp_path / "compiled"  # a folder every TaskManager reads: on this machine, any local folder
+    args = ("--input", manifest, "--model_handle", mobilenet_handle, "--compiled_cache", str(cache))
+
+    assert run_pipeline(*args, "--output", str(tmp_path / "flink"), *flink.beam_args()) == 0
+    err = capfd.readouterr().err
+    assert f"WARNING: on FlinkRunner every worker reads these local paths itself: --input {manifest}" in err
+    assert run_pipeline(*args, "--output", str(tmp_path / "direct")) == 0
+
+    _every_input_once(tmp_path / "flink", good_ids, bad_ids)
+    on_flink = vectors_by_id(read_embeddings(str(tmp_path / "flink")))
+    on_direct = vectors_by_id(read_embeddings(str(tmp_path / "direct")))
+    assert max(np.abs(on_flink[i] - on_direct[i]).max() for i in good_ids) < 1e-5
+    report = json.loads((tmp_path / "flink" / "_run_report.json").read_text())
+    assert report["runner"] == "FlinkRunner"
+    assert report["counts"] == {"inputs": 14, "embedded": 10, "skipped_existing": 0, "errors": 4,
+                                "errors_by_stage": {"decode": 3, "read": 1}}
+    marker = json.loads((tmp_path / "flink" / "_pipeline_done.json").read_text())
+    assert marker["counts"] == {"embedded": 10, "errors": 4, "skipped_existing": 0}
+    assert list(cache.glob("*.tflite")), "the launcher compiled the model into the shared cache"
+
+
+def test_a_compiled_cache_on_the_launchers_home_is_refused_before_the_job_starts(
+        tmp_path, flink, mixed_corpus, mobilenet_handle, capsys):
+    manifest, _, _ = mixed_corpus
+    jobs_before = flink.overview()
+    code = run_pipeline("--input", manifest, "--output", str(tmp_path / "out"), "--model_handle", mobilenet_handle,
+                        *flink.beam_args())
+    assert code == 2
+    assert ("error: On FlinkRunner the workers load the compiled model from --compiled_cache, which defaults to "
+            f"{os.path.expanduser('~')}/.cache/beam-image-embeddings/compiled on this machine, where no worker reads "
+            "it. Pass --temp_location or --compiled_cache") in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    after = flink.overview()
+    assert [after[k] for k in ("jobs-finished", "jobs-failed", "jobs-cancelled", "jobs-running")] == \
+        [jobs_before[k] for k in ("jobs-finished", "jobs-failed", "jobs-cancelled", "jobs-running")]
+
+
+def test_three_nights_of_index_updates_through_flink_equal_the_direct_runner_index(tmp_path, flink, mobilenet_handle):
+    images = tiles(tmp_path / "images", 12)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    nights = [
+        [(f"id-{n}", images[n]) for n in range(6)],
+        [(f"id-{n}", images[n]) for n in (1, 3, 4, 5)] + [("id-2", images[9]), ("id-6", images[6]),
+                                                          ("id-7", images[7])],
+        [(f"id-{n}", images[n]) for n in (1, 3, 4, 6, 7)] + [("id-5", images[10]), ("id-8", images[8]),
+                                                             ("id-9", str(broken))],
+    ]
+    cache = tmp_path / "compiled"
+    roots = {"flink": str(tmp_path / "index-flink"), "direct": str(tmp_path / "index-direct")}
+    runner_args = {"flink": flink.beam_args(), "direct": ["--direct_running_mode=in_memory"]}
+    for root in roots.values():
+        new_index(root, mobilenet_handle)
+    for number, pairs in enumerate(nights, 1):
+        manifest = write_manifest(tmp_path / f"night-{number}.csv", pairs)
+        for kind, root in roots.items():
+            assert index_main(["update", "--index", root, "--input", manifest, "--compiled_cache", str(cache),
+                               "--progress_interval=0", *runner_args[kind]]) == 0, (kind, number)
+
+    views = {}
+    for kind, root in roots.items():
+        assert index_main(["snapshot", "--index", root, "--output", str(tmp_path / f"view-{kind}")]) == 0
+        views[kind] = read_embeddings(str(tmp_path / f"view-{kind}"))
+    rows = {kind: sorted(zip(v.column("id").to_pylist(), v.column("uri").to_pylist())) for kind, v in views.items()}
+    assert rows["flink"] == rows["direct"] == sorted((i, u) for i, u in nights[-1] if i != "id-9")
+    flink_vectors, direct_vectors = vectors_by_id(views["flink"]), vectors_by_id(views["direct"])
+    assert max(np.abs(flink_vectors[i] - direct_vectors[i]).max() for i in direct_vectors) < 1e-5
+
+
+def _running_job(flink, timeout_s=120) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://{flink.master}/jobs", timeout=5) as answer:
+            running = [job["id"] for job in json.load(answer)["jobs"] if job["status"] == "RUNNING"]
+        if running:
+            return running[0]
+        time.sleep(0.2)
+    raise AssertionError("no job started on the cluster")
+
+
+def _failures_seen(flink, job_id) -> list[str]:
+    """The exceptions Flink recorded for the job (each one a failure it restarted from, or ended in)."""
+    with urllib.request.urlopen(f"http://{flink.master}/jobs/{job_id}/exceptions", timeout=5) as answer:
+        return [entry["exceptionName"] for entry in json.load(answer)["exceptionHistory"]["entries"]]
+
+
+def test_a_taskmanager_killed_mid_job_loses_and_doubles_nothing(tmp_path, flink, mobilenet_handle):
+    images = tiles(tmp_path / "images", 400)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "pipeline.run", "--input", str(tmp_path / "images"), "--output", str(out),
+               "--model_handle", mobilenet_handle, "--compiled_cache", str(tmp_path / "compiled"),
+               "--batch_size=2", *flink.beam_args()]
+    launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        job = _running_job(flink)
+        time.sleep(4)  # the Python stages are embedding
+        assert launcher.poll() is None and flink.running_jobs() == 1, "the job ended before the kill"
+        flink.kill_taskmanager(flink.busy_taskmanager())
+        _, err = launcher.communicate(timeout=600)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+        flink.start_taskmanager()  # the next test finds two TaskManagers again
+    if launcher.returncode == 0:
+        assert _failures_seen(flink, job), "the job recovered from the lost TaskManager by restarting"
+    else:  # failed clearly; the same command (with --overwrite) completes it
+        assert "error" in err.lower() or "failed" in err.lower()
+        rerun = subprocess.run([*command, "--overwrite"], cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert rerun.returncode == 0, rerun.stderr
+    ids = read_embeddings(str(out)).column("id").to_pylist()
+    assert sorted(ids) == sorted(images) and len(ids) == len(set(ids))
+    assert not list(out.glob("beam-temp-*"))
