@@ -123,7 +123,7 @@ class MarkFinished(beam.PTransform):
 
     A long job on a remote runner outlives its launcher when a laptop sleeps or a Cloud Shell drops; the launcher's
     run report is then never written, but this marker is, so the finished output still counts as a finished run.
-    Input: {"files": the sinks' outputs (final paths), "embedded"/"errors"/"skipped_existing": PCollections to count}.
+    Input: {"files": the sinks' outputs (final paths), NAME: a PCollection to count, ...}; one shuffle counts them all.
     """
 
     def __init__(self, output_dir: str):
@@ -131,21 +131,22 @@ class MarkFinished(beam.PTransform):
         self._output_dir = output_dir
 
     def expand(self, parts):
-        counts = {name: beam.pvalue.AsSingleton(pcoll | f"Count_{name}" >> beam.combiners.Count.Globally())
-                  for name, pcoll in parts.items() if name != "files"}
-        output_dir = self._output_dir
+        counted = [pcoll | f"Name_{name}" >> beam.Map(lambda _, name=name: name)
+                   for name, pcoll in sorted(parts.items()) if name != "files"]
+        counts = counted | "Kinds" >> beam.Flatten() | "Count" >> beam.combiners.Count.PerElement()
+        names = sorted(name for name in parts if name != "files")
         return (
             parts["files"]
             | "FileNames" >> beam.combiners.ToList()
-            | "Write" >> beam.Map(_write_marker, output_dir, **counts)
+            | "Write" >> beam.Map(_write_marker, self._output_dir, names, beam.pvalue.AsDict(counts))
         )
 
 
-def _write_marker(files, output_dir, **counts) -> str:
+def _write_marker(files, output_dir, names, counts) -> str:
     path = FileSystems.join(output_dir, PIPELINE_DONE)
     marker = {
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "counts": counts,
+        "counts": {name: counts.get(name, 0) for name in names},
         "files": sorted(name.rsplit("/", 1)[-1] for name in files),
     }
     with FileSystems.create(path) as f:
