@@ -6,7 +6,8 @@ each die with their own traceback. DirectRunner starts them with the shell comma
 apache_beam.runners.worker.sdk_worker_main`; while a pipeline runs here, that command begins with
 `trap '' INT; exec`, and a signal ignored before exec stays ignored, so the workers never see Ctrl-C. The
 pipeline runs in a thread; the main thread waits and takes the KeyboardInterrupt, kills the worker processes
-started meanwhile, and re-raises, so the caller can remove partial outputs that nothing writes to any more.
+started meanwhile, and re-raises, so the caller can remove partial outputs that nothing writes to any more
+(transforms.sink.remove_partial_outputs).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from typing import Callable, TypeVar
 T = TypeVar("T")
 
 INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C
-PARTIAL_PREFIX = "beam-temp-"  # Beam's file sinks write here first and rename on success
 
 
 def _descendants() -> set[int]:
@@ -136,32 +136,6 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
-
-
-def remove_partial_outputs(folder: str) -> list[str]:
-    """Deletes the beam-temp-* folders a stopped sink left in `folder`; returns what it removed."""
-    from apache_beam.io.filesystems import FileSystems
-
-    if "://" not in folder:  # local: empty temporary folders too, which no file pattern matches
-        import glob
-        import shutil
-
-        found = sorted(glob.glob(os.path.join(glob.escape(folder), PARTIAL_PREFIX + "*")))
-        for path in found:
-            shutil.rmtree(path, ignore_errors=True)
-        return found
-    pattern = FileSystems.join(folder, PARTIAL_PREFIX + "*", "*")
-    try:
-        files = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
-    except Exception:  # nothing there, or nothing readable: nothing to remove
-        return []
-    if files:
-        FileSystems.delete(files)
-    folders = sorted({path.rsplit("/", 1)[0] for path in files})
-    for path in folders:
-        if FileSystems.exists(path):
-            FileSystems.delete([path])
-    return folders
 
 
 def exit_with(code: int) -> None:

@@ -28,7 +28,7 @@ from pipeline.engine import (
     verified_artifact,
 )
 from pipeline.fingerprint import model_fingerprint
-from pipeline.interrupt import INTERRUPTED, exit_with, remove_partial_outputs, run_interruptibly, run_to_end
+from pipeline.interrupt import INTERRUPTED, exit_with, run_interruptibly, run_to_end
 from pipeline.models import MODELS
 from pipeline.options import DEFAULT_BATCH, JobConfig, parse_args
 from pipeline.outputs import RUN_REPORT, OutputDirError, earlier_results, prepare_output_dir, summarize_outputs
@@ -56,7 +56,12 @@ from pipeline.runtime import (
     with_thread_defaults,
 )
 from transforms.embed import EmbedConfig
+from transforms.sink import remove_partial_outputs
 from transforms.source import SKIPPED_COUNTER, ManifestError, plan_input
+
+class JobFailed(RuntimeError):
+    """A remote runner reported the job failed (after its own retries)."""
+
 
 # Errors that refuse a run before any work: exit code 2.
 PREFLIGHT_ERRORS = (ManifestError, OutputDirError, ModelCheckError, IncrementalRunError, EngineError,
@@ -125,9 +130,14 @@ def run(config: JobConfig, beam_args: Sequence[str], announce: bool = True) -> d
     p = beam.Pipeline(options=options)
     build_pipeline(p, config, metadata, display.directory if display else None)
     with display or contextlib.nullcontext(), collector_frozen():
-        result, state = run_interruptibly(lambda: run_to_end(p), local_workers=is_local_runner(options))
+        try:
+            result, state = run_interruptibly(lambda: run_to_end(p), local_workers=is_local_runner(options))
+        except RuntimeError as exc:
+            if is_local_runner(options):  # raised in this process: its traceback points at the cause
+                raise
+            raise JobFailed(f"The job failed on {runner_name(options)}: {' '.join(str(exc).split())[:1500]}") from None
     if state not in (PipelineState.DONE, None):
-        raise RuntimeError(f"The pipeline ended in state {state}.")
+        raise JobFailed(f"The job ended in state {state} on {runner_name(options)}.")
     finished = datetime.datetime.now(datetime.timezone.utc)
 
     summary = summarize_outputs(config.output_dir)
@@ -180,6 +190,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except PREFLIGHT_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except JobFailed as exc:
+        remove_partial_outputs(config.output_dir)
+        print(f"error: {exc}\nNo finished marker was written and partial files were removed; run the same command "
+              f"with --overwrite to start again.", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         remove_partial_outputs(config.output_dir)
         print(f"Interrupted: the run into {config.output_dir} stopped before it finished (no {RUN_REPORT}); its "

@@ -73,3 +73,11 @@ def index_root(request, tmp_path) -> str:
 
     emulator = request.getfixturevalue("gcs")
     return f"gs://{emulator.bucket}/{uuid.uuid4().hex[:8]}/index"
+
+
+def pytest_unconfigure(config):
+    """Beam's exit handler for the FlinkRunner's job servers (already stopped by the runs) logs after pytest has
+    closed the captured streams: not an error worth a traceback at the end of every session."""
+    import logging
+
+    logging.raiseExceptions = False

@@ -104,15 +104,17 @@ def test_setup_py_and_both_images_install_one_and_the_same_pinned_list():
             assert versions.get(re.split(r"[\[=]", pin)[0].lower()) == pin.split("==")[1], pin
 
 
-def test_the_dockerfiles_start_from_the_sdk_of_this_beam_and_python_and_boot_beams_worker():
+def test_the_dockerfiles_start_from_the_sdk_of_this_beam_and_a_python_chosen_at_build_time_and_boot_beams_worker():
     beam = next(p.split("==")[1] for p in _requirements() if p.startswith("apache-beam"))
-    sdk = f"apache/beam_python{sys.version_info.major}.{sys.version_info.minor}_sdk:{beam}"
+    sdk = f"apache/beam_python${{PYTHON_VERSION}}_sdk:{beam}"
     cpu, gpu = (open(DOCKERFILES[k]).read() for k in ("cpu", "gpu"))
     assert re.search(rf"^FROM {re.escape(sdk)}$", cpu, re.M)
-    assert f"COPY --from={sdk} /opt/apache/beam /opt/apache/beam" in gpu
+    assert re.search(rf"^FROM {re.escape(sdk)} AS beam_sdk$", gpu, re.M)
+    assert "COPY --from=beam_sdk /opt/apache/beam /opt/apache/beam" in gpu
     assert 'ENTRYPOINT ["/opt/apache/beam/boot"]' in gpu
-    assert f"python{sys.version_info.major}.{sys.version_info.minor}" in gpu
-    for text in (cpu, gpu):
+    assert "python${PYTHON_VERSION} -m venv" in gpu
+    for text in (cpu, gpu):  # the workers' Python is the launcher's unless a build argument says otherwise
+        assert re.search(rf"^ARG PYTHON_VERSION={sys.version_info.major}\.{sys.version_info.minor}$", text, re.M)
         for image in re.findall(r"^FROM (\S+)", text, re.M):
             assert ":" in image and not image.endswith(":latest"), image
         for instruction in re.findall(r"^([A-Z]+) ", text, re.M):
@@ -163,6 +165,7 @@ def test_the_images_environment_built_from_the_requirement_list_runs_a_pipeline_
     out = tmp_path / "out"
     with portable_services(python, tmp_path / "services.log") as (job_port, worker_port):
         assert run_pipeline("--input", str(images), "--output", str(out), "--model_handle", mobilenet_handle,
+                            "--compiled_cache", str(tmp_path / "compiled"),
                             "--runner=PortableRunner", f"--job_endpoint=localhost:{job_port}",
                             "--environment_type=EXTERNAL", f"--environment_config=localhost:{worker_port}") == 0
     assert read_embeddings(str(out)).num_rows == 3

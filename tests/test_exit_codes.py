@@ -5,7 +5,7 @@ import sys
 
 from helpers import REPO, SAMPLES
 
-RUNS = 8  # in a row, each a full process with its worker processes, as a scheduler starts them
+RUNS = 5  # in a row, each a full process with its worker processes, as a scheduler starts them
 
 
 def test_many_short_runs_in_a_row_each_exit_0_after_their_summary(tmp_path, mobilenet_handle):

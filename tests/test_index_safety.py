@@ -292,7 +292,7 @@ def test_a_contender_whose_clock_is_30_s_behind_cannot_take_a_live_lease(index_r
 
 # --- kill -9 anywhere ----------------------------------------------------------------------------------------------
 
-KILLS = 10  # per store: 20 in all
+KILLS = 6  # per store: 12 in all
 
 
 def test_kill_9_at_seeded_random_points_never_loses_doubles_or_breaks_anything(index_root, tmp_path,

@@ -169,6 +169,24 @@ def test_the_job_marks_its_output_finished_itself_so_a_lost_launcher_costs_no_re
     assert (counts["embedded"], counts["skipped_existing"]) == (0, report["embedded"])
 
 
+def test_a_job_that_fails_on_a_remote_runner_ends_in_one_clear_error_and_exit_1(tmp_path, capsys, monkeypatch,
+                                                                                mobilenet_handle):
+    def failed_on_the_cluster(pipeline):
+        raise RuntimeError("Pipeline BeamApp-x failed in state FAILED: java.lang.Exception: Recovery is suppressed\n"
+                           "\tat org.apache.flink...")
+
+    monkeypatch.setattr("pipeline.run.run_to_end", failed_on_the_cluster)
+    out = tmp_path / "out"
+    code = run_pipeline("--input", f"{SAMPLES}/rocket.jpg", "--output", str(out), "--model_handle", mobilenet_handle,
+                        "--compiled_cache", str(tmp_path / "cache"), "--runner=PortableRunner",
+                        "--job_endpoint=localhost:1")
+    err = capsys.readouterr().err
+    assert code == 1
+    assert ("error: The job failed on PortableRunner: Pipeline BeamApp-x failed in state FAILED: java.lang.Exception: "
+            "Recovery is suppressed at org.apache.flink...\nNo finished marker was written") in err
+    assert "Traceback" not in err and not list(out.glob("_*.json"))
+
+
 def test_ctrl_c_during_a_run_says_one_line_leaves_no_partial_files_and_exits_130(tmp_path, mobilenet_handle):
     tiles(tmp_path / "imgs", 60)
     out = tmp_path / "out"

@@ -55,6 +55,7 @@ def test_portable_runner_with_an_external_worker_pool(tmp_path, corpus, mobilene
     job_port, worker_port = portable_job_service
     out = tmp_path / "out"
     assert run_pipeline("--input", f"{corpus}/*", "--output", str(out), "--model_handle", mobilenet_handle,
+                        "--compiled_cache", str(tmp_path / "compiled"),
                         "--runner=PortableRunner", f"--job_endpoint=localhost:{job_port}",
                         "--environment_type=EXTERNAL", f"--environment_config=localhost:{worker_port}") == 0
     _assert_complete(out, corpus)

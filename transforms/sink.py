@@ -17,7 +17,10 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import datetime
+import glob
 import json
+import os
+import shutil
 
 import apache_beam as beam
 import numpy as np
@@ -31,6 +34,7 @@ EMBEDDINGS_PREFIX = "embeddings"
 ERRORS_PREFIX = "errors"
 PARQUET_SUFFIX = ".parquet"
 METADATA_PREFIX = "embedding."
+PARTIAL_PREFIX = "beam-temp-"  # Beam's file sinks write here first and rename on success
 PIPELINE_DONE = "_pipeline_done.json"
 _ROWS_PER_TABLE = 1024
 
@@ -143,6 +147,7 @@ class MarkFinished(beam.PTransform):
 
 
 def _write_marker(files, output_dir, names, counts) -> str:
+    remove_partial_outputs(output_dir)  # a runner's failed attempts (restarts) leave their temporary folders
     path = FileSystems.join(output_dir, PIPELINE_DONE)
     marker = {
         "finished_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -152,3 +157,28 @@ def _write_marker(files, output_dir, names, counts) -> str:
     with FileSystems.create(path) as f:
         f.write(json.dumps(marker, indent=2).encode())
     return path
+
+
+def remove_partial_outputs(folder: str) -> list[str]:
+    """Deletes the beam-temp-* folders stopped sinks left in `folder`; returns what it removed.
+
+    After Ctrl-C, and after a runner retried a write: a restarted job makes new temporary folders, and Beam's
+    finalization removes only those of the attempt that succeeded.
+    """
+    if "://" not in folder:  # local: empty temporary folders too, which no file pattern matches
+        found = sorted(glob.glob(os.path.join(glob.escape(folder), PARTIAL_PREFIX + "*")))
+        for path in found:
+            shutil.rmtree(path, ignore_errors=True)
+        return found
+    pattern = FileSystems.join(folder, PARTIAL_PREFIX + "*", "*")
+    try:
+        files = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+    except Exception:  # nothing there, or nothing readable: nothing to remove
+        return []
+    if files:
+        FileSystems.delete(files)
+    folders = sorted({path.rsplit("/", 1)[0] for path in files})
+    for path in folders:
+        if FileSystems.exists(path):
+            FileSystems.delete([path])
+    return folders

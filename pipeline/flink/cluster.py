@@ -18,7 +18,7 @@ import sys
 import time
 import urllib.request
 
-from pipeline.flink.dist import DEFAULT_CACHE, FLINK_MINOR, flink_home, job_server_jar
+from pipeline.flink.dist import DEFAULT_CACHE, FLINK_MINOR, FlinkSetupError, flink_home, job_server_jar
 
 _STARTUP_TIMEOUT_S = 120
 
@@ -62,7 +62,7 @@ class LocalFlink:
                 f"--flink_job_server_jar={self.jar}", f"--parallelism={parallelism}",
                 "--environment_type=EXTERNAL", f"--environment_config=localhost:{self.worker_port}"]
 
-    def _write_config(self) -> str:
+    def _write_config(self) -> None:
         conf = os.path.join(self.folder, "conf")
         os.makedirs(conf, exist_ok=True)
         for name in os.listdir(os.path.join(self.home, "conf")):
@@ -99,7 +99,6 @@ class LocalFlink:
         }
         with open(os.path.join(conf, "config.yaml"), "w") as f:
             f.writelines(f"{key}: {value}\n" for key, value in settings.items())
-        return conf
 
     def _env(self) -> dict:
         return {**os.environ, "FLINK_CONF_DIR": os.path.join(self.folder, "conf"),
@@ -134,6 +133,9 @@ class LocalFlink:
         raise RuntimeError(f"Flink {what} not ready after {_STARTUP_TIMEOUT_S} s; see the logs in {self.folder}/log.")
 
     def start(self) -> "LocalFlink":
+        if not (shutil.which("java") or os.environ.get("JAVA_HOME")):
+            raise FlinkSetupError("Flink needs Java (17): install it (Debian: apt-get install openjdk-17-jre-headless) "
+                                  "or set JAVA_HOME.")
         self._write_config()
         env = self._env()
         self.jobmanager = self._launch([os.path.join(self.home, "bin", "jobmanager.sh"), "start-foreground"],

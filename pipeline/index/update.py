@@ -116,7 +116,7 @@ def update_index(
         chunks = write_chunks(store, name, run_size)
         say(f"Planned: {counts.new} new, {counts.updated} updated, {counts.unchanged} unchanged, {counts.removed} "
             f"removed, {counts.retried} retried; {plural(counts.to_embed, 'input')} to embed in "
-            f"{plural(len(chunks), 'run')} of at most {run_size}.")
+            f"{plural(len(chunks), 'run')} of at most {run_size:,}.")
         embedded, failed = 0, counts.refused
         for number, chunk in enumerate(chunks, start=1):
             run_name = f"{name}-{number:05d}"
