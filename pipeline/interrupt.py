@@ -60,8 +60,10 @@ def run_interruptibly(work: Callable[[], T], local_workers: bool = False) -> T:
     SIGINT ignored. Otherwise work() runs in this thread as it is: a remote runner's workers are not ours to
     stop, and the FlinkRunner's job-server launcher installs a SIGINT handler, which only the main thread may.
     """
-    if not local_workers or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         return work()
+    if not local_workers:
+        return _run_remote(work)
     outcome: dict = {}
 
     def target():
@@ -91,6 +93,21 @@ def run_interruptibly(work: Callable[[], T], local_workers: bool = False) -> T:
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+def _run_remote(work: Callable[[], T]) -> T:
+    """work() as it is; Ctrl-C stops Beam's job-server client, whose message thread then fails: expected, silent."""
+    previous = threading.excepthook
+
+    def quiet_reader(args):
+        if args.thread is None or args.thread.name != "wait_until_finish_read":
+            previous(args)
+
+    threading.excepthook = quiet_reader
+    try:
+        return work()
+    finally:
+        threading.excepthook = previous
 
 
 def run_to_end(pipeline) -> tuple:

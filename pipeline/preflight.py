@@ -61,8 +61,11 @@ def check_worker_storage(config: JobConfig, runner: str, compiled_cache: Optiona
     local = [f"{flag} {path}" for flag, path in paths.items() if "://" not in path]
     if not local:
         return None
+    relative = any(not os.path.isabs(path) for path in paths.values() if "://" not in path)
     return (f"WARNING: on {runner} every worker reads these local paths itself: {', '.join(local)}. That works on a "
-            f"cluster on this machine or with a mount every worker shares at the same path, not otherwise.")
+            f"cluster on this machine or with a mount every worker shares at the same path, not otherwise"
+            + ("; and give them as absolute paths: a worker resolves a relative one in its own working directory."
+               if relative else "."))
 
 
 def _saved_model_inside(handle: str) -> Optional[str]:

@@ -196,6 +196,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"with --overwrite to start again.", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        runner = PipelineOptions(beam_args)
+        if not is_local_runner(runner):  # Ctrl-C stops this launcher; the job goes on (Beam's remote runners)
+            print(f"Interrupted: this launcher stopped, but the job may still be running on {runner_name(runner)}: "
+                  f"cancel it there to stop it. If it finishes, {config.output_dir} is a finished run (its "
+                  f"_pipeline_done.json); if not, run the same command with --overwrite.", file=sys.stderr)
+            return INTERRUPTED
         remove_partial_outputs(config.output_dir)
         print(f"Interrupted: the run into {config.output_dir} stopped before it finished (no {RUN_REPORT}); its "
               f"partial files were removed. Run the same command with --overwrite to start again.", file=sys.stderr)

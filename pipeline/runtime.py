@@ -97,6 +97,7 @@ _NOISE = re.compile(
         r"Resource module is not available",
         r"No semi_persistent_directory",
         r"Discarding unparseable args",  # Beam's workers, about Beam's own internal flags
+        r"Really (starting|destroying) service at",  # the FlinkRunner's job server, started and stopped per job
     ])
 )
 

@@ -139,17 +139,22 @@ def _wait_for_end(flink, job_id, timeout_s=300) -> str:
     raise AssertionError(f"job {job_id} still running after {timeout_s} s")
 
 
-def test_a_job_whose_launcher_died_still_finishes_and_counts_as_a_finished_run(
+def test_a_job_outlives_its_launcher_and_still_counts_as_a_finished_run(
         tmp_path, flink, mixed_corpus, mobilenet_handle):
     manifest, good_ids, bad_ids = mixed_corpus
     out = tmp_path / "out"
     launcher = subprocess.Popen(
         [sys.executable, "-m", "pipeline.run", "--input", manifest, "--output", str(out), "--model_handle",
          mobilenet_handle, "--compiled_cache", str(tmp_path / "compiled"), *flink.beam_args()],
-        cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     job = _running_job(flink)
-    os.killpg(launcher.pid, signal.SIGKILL)  # the laptop closed: the launcher and its job server are gone
-    launcher.wait()
+    os.killpg(launcher.pid, signal.SIGINT)  # Ctrl-C in the launcher's terminal: the launcher and its job server
+    _, err = launcher.communicate(timeout=60)
+    assert launcher.returncode == 130
+    assert err.splitlines()[-1] == (
+        "Interrupted: this launcher stopped, but the job may still be running on FlinkRunner: cancel it there to "
+        f"stop it. If it finishes, {out} is a finished run (its _pipeline_done.json); if not, run the same command "
+        "with --overwrite.")
     assert _wait_for_end(flink, job) == "FINISHED"
     assert not (out / "_run_report.json").exists()
     assert json.loads((out / "_pipeline_done.json").read_text())["counts"]["embedded"] == len(good_ids)

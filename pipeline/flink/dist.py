@@ -104,6 +104,7 @@ def flink_home(cache: str = DEFAULT_CACHE) -> str:
     if os.path.isfile(os.path.join(home, "lib", f"flink-dist-{FLINK_VERSION}.jar")):
         return home
     os.makedirs(cache, exist_ok=True)
+    print(f"Fetching Flink {FLINK_VERSION} from PyPI into {cache} (once; about 230 MB) ...", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(dir=cache) as work:
         _run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", work,
               f"apache-flink-libraries=={FLINK_VERSION}"], "Downloading apache-flink-libraries from PyPI")
@@ -138,6 +139,8 @@ def job_server_jar(cache: str = DEFAULT_CACHE) -> str:
     if os.path.isfile(jar):
         return jar
     os.makedirs(cache, exist_ok=True)
+    print(f"Building Beam's Flink job server {JOB_SERVER_BEAM_VERSION} with Maven into {cache} (once; 1-2 minutes) ...",
+          file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(dir=cache) as work:
         with open(os.path.join(work, "pom.xml"), "w") as f:
             f.write(_POM.format(minor=FLINK_MINOR, beam=JOB_SERVER_BEAM_VERSION))
