@@ -34,25 +34,29 @@ def main(argv=None) -> int:
         from pipeline.flink.cluster import LocalFlink
 
         folder = args.folder or tempfile.mkdtemp(prefix="local-flink-")
-        cluster = LocalFlink(folder, args.taskmanagers, args.slots, args.cache).start()
-    except (FlinkSetupError, RuntimeError) as exc:
+        cluster = LocalFlink(folder, args.taskmanagers, args.slots, args.cache)
+    except FlinkSetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    code = 0
     try:
+        cluster.start()
         print(f"Flink {os.path.basename(cluster.home)}: JobManager and {args.taskmanagers} TaskManagers running; "
               f"web UI http://{cluster.master}; logs in {folder}/log.")
         print("Send jobs to it with these Beam options (Ctrl-C here stops the cluster):")
-        print("  " + " ".join(shlex.quote(arg) for arg in cluster.beam_args(parallelism=args.slots)))
-        sys.stdout.flush()
+        print("  " + " ".join(shlex.quote(arg) for arg in cluster.beam_args(parallelism=args.slots)), flush=True)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C while it was starting
         pass
+    except (FlinkSetupError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 1
     finally:
-        cluster.stop()
+        cluster.stop()  # whatever had started
         print("Flink stopped.")
-    return 0
+    return code
 
 
 if __name__ == "__main__":
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # taken by sigwait in main()
     sys.exit(main())
