@@ -17,6 +17,10 @@ import tempfile
 from pipeline.flink.dist import DEFAULT_CACHE, FlinkSetupError, flink_home, job_server_jar
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.flink", description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=("fetch", "up"))
@@ -39,6 +43,7 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     code = 0
+    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop while starting: stop what started, as Ctrl-C
     try:
         cluster.start()
         print(f"Flink {os.path.basename(cluster.home)}: JobManager and {args.taskmanagers} TaskManagers running; "
@@ -47,7 +52,7 @@ def main(argv=None) -> int:
         print("  " + " ".join(shlex.quote(arg) for arg in cluster.beam_args(parallelism=args.slots)), flush=True)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
-    except KeyboardInterrupt:  # Ctrl-C while it was starting
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM while it was starting
         pass
     except (FlinkSetupError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
