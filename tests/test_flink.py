@@ -191,3 +191,23 @@ def test_a_taskmanager_killed_mid_job_loses_and_doubles_nothing(tmp_path, flink,
     ids = read_embeddings(str(out)).column("id").to_pylist()
     assert sorted(ids) == sorted(images) and len(ids) == len(set(ids))
     assert not list(out.glob("beam-temp-*"))
+
+
+def test_the_local_cluster_recipe_prints_its_options_and_stops_every_process_it_started(tmp_path):
+    from conftest import FLINK_CACHE
+
+    command = [sys.executable, "-m", "pipeline.flink", "up", "--cache", FLINK_CACHE, "--folder", str(tmp_path),
+               "--taskmanagers", "1"]
+    up = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = [up.stdout.readline() for _ in range(3)]
+    assert lines[1].startswith("Send jobs to it with these Beam options"), lines
+    options = lines[2].split()
+    assert options[0] == "--runner=FlinkRunner" and "--environment_type=EXTERNAL" in options
+    master = next(o.split("=", 1)[1] for o in options if o.startswith("--flink_master="))
+    with urllib.request.urlopen(f"http://{master}/overview", timeout=5) as answer:
+        assert json.load(answer)["taskmanagers"] == 1
+    started = subprocess.run(["pgrep", "-P", str(up.pid)], capture_output=True, text=True).stdout.split()
+    assert len(started) == 3  # JobManager, TaskManager, SDK worker pool
+    up.send_signal(signal.SIGTERM)  # as a scheduler (or Ctrl-C) stops it
+    assert up.communicate(timeout=60)[0].strip() == "Flink stopped." and up.returncode == 0
+    assert not [pid for pid in started if os.path.exists(f"/proc/{pid}")]
