@@ -96,8 +96,14 @@ def run_interruptibly(work: Callable[[], T], local_workers: bool = False) -> T:
 
 
 def _run_remote(work: Callable[[], T]) -> T:
-    """work() as it is; Ctrl-C stops Beam's job-server client, whose message thread then fails: expected, silent."""
+    """work() as it is; Ctrl-C stops Beam's job-server client, whose message thread then fails: expected, silent.
+
+    The SIGINT handler Beam installs for its job server is removed afterwards: it would outlive the job server
+    (stopped by run_to_end), and a chain of them, one per run of an index update, swallowed the signal a lost
+    lease sends.
+    """
     previous = threading.excepthook
+    sigint = signal.getsignal(signal.SIGINT)
 
     def quiet_reader(args):
         if args.thread is None or args.thread.name != "wait_until_finish_read":
@@ -108,6 +114,7 @@ def _run_remote(work: Callable[[], T]) -> T:
         return work()
     finally:
         threading.excepthook = previous
+        signal.signal(signal.SIGINT, sigint)
 
 
 def run_to_end(pipeline) -> tuple:

@@ -252,7 +252,20 @@ def test_an_expired_lease_is_taken_over_by_the_stores_clock_and_its_holder_stops
         store.append(1, {"kind": "run", "run": "paused-00001", "update": "paused"})
 
 
-def test_a_holder_whose_lease_is_taken_stops_at_once(index_root, mobilenet_handle):
+@pytest.fixture(params=["sigint_default", "sigint_ignored"])
+def sigint_disposition(request):
+    """As a terminal starts the update, or as a script's `update &` / nohup does (SIGINT ignored)."""
+    if request.param == "sigint_default":
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_a_holder_whose_lease_is_taken_stops_at_once(index_root, mobilenet_handle, sigint_disposition):
     new_index(index_root, mobilenet_handle)
     store = IndexStore(index_root)
     started = time.monotonic()

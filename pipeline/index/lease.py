@@ -212,6 +212,11 @@ class UpdateLease:
 
     def __enter__(self) -> "UpdateLease":
         self.acquire()
+        # A lost lease stops the main thread with SIGINT; a process started with SIGINT ignored (a script's
+        # `update &`, nohup) would never see it, so while the lease is held SIGINT raises KeyboardInterrupt.
+        self._ignored_sigint = None
+        if threading.current_thread() is threading.main_thread() and not callable(signal.getsignal(signal.SIGINT)):
+            self._ignored_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
         self._thread = threading.Thread(target=self._heartbeat, name="index-lease", daemon=True)
         self._thread.start()
         return self
@@ -221,5 +226,7 @@ class UpdateLease:
             self._stop.set()
         self._thread.join()
         self.release()
+        if self._ignored_sigint is not None:
+            signal.signal(signal.SIGINT, self._ignored_sigint)
         if self.lost and exc_type is KeyboardInterrupt:
             raise LeaseLost(self.lost) from None
