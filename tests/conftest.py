@@ -75,6 +75,15 @@ def index_root(request, tmp_path) -> str:
     return f"gs://{emulator.bucket}/{uuid.uuid4().hex[:8]}/index"
 
 
+def pytest_configure(config):
+    """A suite started in the background (`cmd &`: SIGINT ignored, inherited by every process it starts) still
+    gives its processes a terminal's Ctrl-C, which the Ctrl-C tests send: a handled signal is default after exec."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def pytest_unconfigure(config):
     """Beam's exit handler for the FlinkRunner's job servers (already stopped by the runs) logs after pytest has
     closed the captured streams: not an error worth a traceback at the end of every session."""
