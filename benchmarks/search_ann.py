@@ -120,7 +120,7 @@ def candidate(name: str, data: str, count: int, queries_path: str, truth_path: s
     elif name == "faiss-ivf":  # the project's own build: inverted lists, the number probed tuned for recall
         from pipeline.search.vector_index import build as build_index
 
-        built = build_index(lambda: chunks(data), count, DIM, "ann")
+        built = build_index(lambda adding: chunks(data), count, DIM, "ann")
         build = time.perf_counter() - start
         ivf, tuned = built.index, built.params["nprobe"]
 

@@ -307,6 +307,86 @@ def test_approximate_index_is_tuned_for_recall_and_agrees_with_exact_search(tmp_
     assert best["similarity"] == pytest.approx(float(normalised[0] @ normalised[int(best["id"][3:])]), abs=1e-5)
 
 
+def _recall(found: list, truth: list) -> float:
+    return len(set(found) & set(truth)) / len(truth)
+
+
+def test_compressed_index_holds_codes_reranks_from_disk_and_finds_what_exact_search_finds(tmp_path):
+    vectors = _synthetic_run(str(tmp_path / "run"), 6000, dim=64)
+    files = str(tmp_path / "run" / "embeddings-*.parquet")
+    for kind in ("compressed", "exact"):
+        assert search(["build", "--embeddings", files, "--output", str(tmp_path / kind), "--kind", kind]) == 0
+    manifest = json.loads((tmp_path / "compressed" / "search.json").read_text())
+    index = manifest["index"]
+    assert index["kind"] == "compressed" and index["code_bytes"] == 8 and index["tuned_recall_at_10"] >= 0.97
+    assert index["memory_bytes"] < 6000 * 64 * 4 / 4  # codes, not floats
+    normalised = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    stored = np.fromfile(tmp_path / "compressed" / manifest["files"]["exact_vectors"], np.float32).reshape(-1, 64)
+    np.testing.assert_allclose(stored, normalised, atol=1e-6)  # the exact vectors, row for row
+    asked = [f"img{i:05d}" for i in range(0, 6000, 60)]
+    hits = {}
+    for kind in ("compressed", "exact"):
+        out = str(tmp_path / f"{kind}.parquet")
+        assert search(["query", "--index", str(tmp_path / kind), "--id", *asked, "-k", "10", "--output", out]) == 0
+        hits[kind] = pq.read_table(out).to_pylist()
+    assert _recall([(h["query"], h["id"]) for h in hits["compressed"]],
+                   [(h["query"], h["id"]) for h in hits["exact"]]) >= 0.95
+    for hit in hits["compressed"]:  # similarities are exact (re-ranked), not the codes' estimates
+        expected = float(normalised[int(hit["query"][3:])] @ normalised[int(hit["id"][3:])])
+        assert hit["similarity"] == pytest.approx(expected, abs=1e-5)
+    pairs = {}
+    for kind in ("compressed", "exact"):
+        opened = open_search_index(str(tmp_path / kind))
+        pairs[kind] = {(int(a), int(b)) for rows, others, _ in opened.vectors.pairs_above(0.95)
+                       for a, b in zip(rows, others)}
+    assert len(pairs["exact"]) > 1000
+    assert pairs["compressed"] <= pairs["exact"] and len(pairs["compressed"]) / len(pairs["exact"]) >= 0.95
+
+
+def test_max_memory_picks_the_kind_that_fits_a_corpus():
+    from pipeline.search.vector_index import choose_layout
+
+    assert choose_layout("auto", 50_000, 1664, None).kind == "exact"
+    assert choose_layout("auto", 2_000_000, 1664, None).kind == "ann"  # no budget: full vectors
+    budget = 4 * 2**30
+    layout = choose_layout("auto", 2_000_000, 1664, budget)  # 13 GB of floats do not fit in 4 GB
+    assert (layout.kind, layout.code_bytes) == ("compressed", 208) and layout.build_memory <= budget
+    smaller = choose_layout("compressed", 20_000_000, 1664, budget)  # fewer bytes a vector, to fit
+    assert smaller.code_bytes == 104 and smaller.build_memory <= budget
+
+
+def test_max_memory_shrinks_the_codes_and_refuses_what_cannot_fit_before_any_work(tmp_path, capsys):
+    _synthetic_run(str(tmp_path / "run"), 6000, dim=64)
+    files = str(tmp_path / "run" / "embeddings-*.parquet")
+    assert search(["build", "--embeddings", files, "--output", str(tmp_path / "tight"), "--kind", "compressed",
+                   "--max_memory", "4.57MB"]) == 0
+    index = json.loads((tmp_path / "tight" / "search.json").read_text())["index"]
+    assert index["kind"] == "compressed" and index["lists"] == 75  # the 150 lists' training sample would not fit
+    capsys.readouterr()
+    assert search(["build", "--embeddings", files, "--output", str(tmp_path / "exact"), "--kind", "exact",
+                   "--max_memory", "1MB"]) == 2
+    err = capsys.readouterr().err
+    assert "needs about 4.5 MB to build" in err and "--max_memory 1.0 MB" in err and "--kind compressed" in err
+    assert not (tmp_path / "exact").exists()
+    with pytest.raises(SystemExit):
+        search(["build", "--embeddings", files, "--output", str(tmp_path / "x"), "--max_memory", "lots"])
+    assert "must be a size such as 4GB" in capsys.readouterr().err
+
+
+def test_a_compressed_index_on_gs_is_queried_through_a_local_copy_of_its_vectors(tmp_path, gcs, monkeypatch):
+    monkeypatch.setenv("SEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    _synthetic_run(str(tmp_path / "run"), 3000, dim=64)
+    root = f"gs://{gcs.bucket}/search"
+    assert search(["build", "--embeddings", str(tmp_path / "run" / "embeddings-*.parquet"), "--output", root,
+                   "--kind", "compressed"]) == 0
+    out = str(tmp_path / "hits.json")
+    assert search(["query", "--index", root, "--id", "img00007", "-k", "3", "--output", out]) == 0
+    assert json.loads(open(out).read())[0]["id"] == "img00007"
+    cached = [name for _, _, names in os.walk(tmp_path / "cache") for name in names]
+    assert sorted(n.split("-")[0] for n in cached) == ["exact", "items"]  # fetched once, then read locally
+    assert not any(".partial" in name for name in cached)
+
+
 def test_an_existing_index_is_kept_unless_overwrite(corpus, tmp_path, capsys):
     target = str(tmp_path / "idx")
     files = os.path.join(corpus["run"], "embeddings-*.parquet")

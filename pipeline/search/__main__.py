@@ -1,6 +1,7 @@
 """python -m pipeline.search build|query|duplicates: search what the pipeline embedded.
 
-    build      (--embeddings 'OUT/embeddings-*.parquet' | --index ROOT) --output INDEX_DIR [--kind auto|exact|ann]
+    build      (--embeddings 'OUT/embeddings-*.parquet' | --index ROOT) --output INDEX_DIR
+               [--kind auto|exact|ann|compressed] [--max_memory SIZE] [--opq]
     query      --index INDEX_DIR (--image PATH_OR_URI ... | --id ID ...) [-k 10] [--output F.parquet|F.json]
                [--contact_sheet F.png]
     duplicates --index INDEX_DIR --output DUPS.parquet [--threshold T] [--contact_sheet F.png]
@@ -23,7 +24,7 @@ from pipeline.runtime import configure_logging
 from pipeline.search.collection import CollectionError, from_files, from_index
 from pipeline.search.contact_sheet import draw_contact_sheet, group_rows, query_rows
 from pipeline.search.store import SearchIndexError, build_search_index, open_search_index, write_parquet
-from pipeline.search.vector_index import KINDS, SearchDependencyError
+from pipeline.search.vector_index import KINDS, MemoryBudgetError, SearchDependencyError, human, parse_size
 from transforms.records import plural
 
 HIT_FORMATS = (".parquet", ".json")
@@ -40,8 +41,15 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--index", help="An index ROOT of python -m pipeline.index: its current view.")
     build.add_argument("--output", required=True, help="The search index folder to write (local or gs://).")
     build.add_argument("--kind", choices=KINDS, default="auto",
-                       help="exact: compare with every vector; ann: inverted lists tuned for recall@10 >= 0.97 on "
-                            "the collection's own vectors; auto (default): exact below 100,000 vectors.")
+                       help="exact: compare with every vector; ann: inverted lists of full vectors, tuned for "
+                            "recall@10 >= 0.97 on the collection's own vectors; compressed: inverted lists of "
+                            "product-quantized codes, re-ranked with the exact vectors kept on disk; auto "
+                            "(default): exact below 100,000 vectors, else ann, else (over --max_memory) compressed.")
+    build.add_argument("--max_memory", type=parse_size, metavar="SIZE",
+                       help="Memory the build and a loaded index may use (4GB, 500MB): auto picks the kind that "
+                            "fits; a kind that cannot fit is refused before any work.")
+    build.add_argument("--opq", action="store_true",
+                       help="compressed: rotate vectors (OPQ) before quantizing; slower to train, often better recall.")
     build.add_argument("--overwrite", action="store_true", help="Replace a search index already at --output.")
 
     query = commands.add_parser("query", help="Nearest neighbours of images or indexed ids.")
@@ -91,10 +99,14 @@ def build(args) -> int:
     collection = from_index(args.index) if args.index else from_files(args.embeddings)
     _say(f"Indexing {plural(collection.count, 'vector')} of {collection.metadata.get('model')} "
          f"(dim {collection.dim}) from {collection.described} ...")
-    manifest = build_search_index(collection, args.output, args.kind, args.overwrite, _say)
+    manifest = build_search_index(collection, args.output, args.kind, args.overwrite, _say, args.max_memory,
+                                  args.opq)
     index = manifest["index"]
     detail = "" if index["kind"] == "exact" else (f", {index['lists']} lists, {index['nprobe']} probed, "
                                                   f"recall@10 {index['tuned_recall_at_10']} on sample queries")
+    if index["kind"] == "compressed":
+        detail += f", {index['code_bytes']} bytes a vector, {index['rerank_depth']}x re-ranked from disk"
+    detail += f", {human(index['memory_bytes'])} in memory"
     _say(f"Search index of {plural(manifest['count'], 'vector')} written to {args.output}: {index['kind']} search"
          f"{detail}, {manifest['metric']} ({time.perf_counter() - started:.1f} s).")
     return 0
@@ -169,7 +181,7 @@ def main(argv: Sequence[str] = None) -> int:
         if args.command == "query":
             return query(args, parser)
         return duplicates(args, parser)
-    except (CollectionError, SearchIndexError, SearchDependencyError) as exc:
+    except (CollectionError, SearchIndexError, SearchDependencyError, MemoryBudgetError) as exc:
         _say(f"error: {exc}")
         return 2
 

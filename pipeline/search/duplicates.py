@@ -6,7 +6,6 @@ A group's first member is its smallest id; each member's similarity is to that f
 
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 
 from pipeline.search.store import SearchIndex
@@ -21,52 +20,63 @@ GROUPS_SCHEMA = pa.schema([
 ])
 
 
-def _find(parent: np.ndarray, row: int) -> int:
-    while parent[row] != row:
-        parent[row] = parent[parent[row]]
-        row = parent[row]
-    return row
+class _Groups:
+    """Union-find over the rows that have a partner: memory grows with the pairs, not the index."""
 
+    def __init__(self):
+        self.parent: dict = {}
 
-def _join(parent: np.ndarray, a: int, b: int) -> None:
-    a, b = _find(parent, a), _find(parent, b)
-    if a != b:
-        parent[max(a, b)] = min(a, b)
+    def find(self, row: int) -> int:
+        parent = self.parent
+        parent.setdefault(row, row)
+        while parent[row] != row:
+            parent[row] = parent[parent[row]]
+            row = parent[row]
+        return row
+
+    def join(self, a: int, b: int) -> None:
+        a, b = self.find(a), self.find(b)
+        if a != b:
+            self.parent[max(a, b)] = min(a, b)
+
+    def members(self) -> list:
+        """Each group's rows, groups of two or more only."""
+        found: dict = {}
+        for row in self.parent:
+            found.setdefault(self.find(row), []).append(row)
+        return [rows for rows in found.values() if len(rows) > 1]
 
 
 def duplicate_groups(index: SearchIndex, threshold: float) -> pa.Table:
     """Every row with another row at >= threshold, or with the same bytes, as groups (GROUPS_SCHEMA)."""
-    items = index.items
-    parent = np.arange(items.num_rows)
+    groups = _Groups()
     for rows, neighbours, _ in index.vectors.pairs_above(threshold):
         for a, b in zip(rows.tolist(), neighbours.tolist()):
-            _join(parent, a, b)
-    by_content: dict = {}
-    for row, digest in enumerate(items.column("sha256").to_pylist()):
-        if digest:
-            _join(parent, by_content.setdefault(digest, row), row)
-    roots = np.array([_find(parent, row) for row in range(items.num_rows)], np.int64)
-    sizes = np.bincount(roots, minlength=items.num_rows)
-    grouped = np.flatnonzero(sizes[roots] > 1)
-    ids, uris, digests = (items.column(c).to_pylist() for c in ("id", "uri", "sha256"))
-    members: dict = {}
-    for row in grouped.tolist():
-        members.setdefault(int(roots[row]), []).append(row)
-    groups = sorted((sorted(rows, key=lambda r: ids[r]) for rows in members.values()), key=lambda g: ids[g[0]])
+            groups.join(a, b)
+    first_with: dict = {}
+    rows, digests = index.items.duplicated("sha256")  # rows whose bytes another row shares
+    for row, digest in zip(rows.tolist(), digests):
+        groups.join(first_with.setdefault(digest, row), row)
+    members = groups.members()
+    wanted = sorted(row for rows in members for row in rows)
+    found = index.items.take(wanted)
+    item = dict(zip(wanted, zip(*(found.column(c).to_pylist() for c in ("id", "uri", "sha256")))))
+    ordered = sorted((sorted(rows, key=lambda r: item[r][0]) for rows in members), key=lambda g: item[g[0]][0])
     out = {name: [] for name in GROUPS_SCHEMA.names}
-    for number, rows in enumerate(groups, start=1):
+    for number, rows in enumerate(ordered, start=1):
         vectors = index.vectors.vectors(rows)
         similarities = vectors @ vectors[0]
         seen = set()
         for row, similarity in zip(rows, similarities.tolist()):
+            id_, uri, digest = item[row]
             out["group"].append(number)
-            out["id"].append(ids[row])
-            out["uri"].append(uris[row])
+            out["id"].append(id_)
+            out["uri"].append(uri)
             out["similarity"].append(similarity)
-            out["same_bytes"].append(digests[row] in seen)  # a copy of an earlier member: never the first
-            out["sha256"].append(digests[row])
-            if digests[row]:
-                seen.add(digests[row])
+            out["same_bytes"].append(digest in seen)  # a copy of an earlier member: never the first
+            out["sha256"].append(digest)
+            if digest:
+                seen.add(digest)
     return pa.table(out, schema=GROUPS_SCHEMA)
 
 

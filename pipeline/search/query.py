@@ -106,17 +106,21 @@ def embed_images(uris: list, model: dict, handle: Optional[str], read: ReadConfi
 
 def nearest(index: SearchIndex, vectors: np.ndarray, queries: list, k: int, own_rows: Optional[list] = None) -> list:
     """The k nearest rows for each query vector; a query that is an indexed row gets itself first."""
-    ids, uris = index.items.column("id").to_pylist(), index.items.column("uri").to_pylist()
     extra = 1 if own_rows else 0
     similarities, rows = index.vectors.search(vectors, k + extra)
-    hits = []
-    for position, query in enumerate(queries):
+    ranked_per_query = []
+    for position in range(len(queries)):
         ranked = [(float(s), int(r)) for s, r in zip(similarities[position], rows[position]) if r >= 0]
         if own_rows:
             own, vector = own_rows[position], vectors[position]  # a stored, normalised vector
             ranked = [(float(vector @ vector), own)] + [pair for pair in ranked if pair[1] != own]
-        hits += [Hit(query, rank, ids[row], uris[row], similarity)
-                 for rank, (similarity, row) in enumerate(ranked[:k], start=1)]
+        ranked_per_query.append(ranked[:k])
+    wanted = sorted({row for ranked in ranked_per_query for _, row in ranked})
+    found = index.items.take(wanted)  # only the row groups of the hits are read
+    item = dict(zip(wanted, zip(found.column("id").to_pylist(), found.column("uri").to_pylist())))
+    hits = []
+    for query, ranked in zip(queries, ranked_per_query):
+        hits += [Hit(query, rank, *item[row], similarity) for rank, (similarity, row) in enumerate(ranked, start=1)]
     return hits
 
 

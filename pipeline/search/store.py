@@ -14,22 +14,26 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
+import os
+import shutil
+import tempfile
 import uuid
-from typing import Callable
+from typing import Callable, Optional
 
-import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.search.collection import Collection, CollectionError
-from pipeline.search.vector_index import METRIC, VectorIndex, build, import_faiss
+from pipeline.search.items import Items, ItemsWriter
+from pipeline.search.vector_index import METRIC, VectorIndex, build, choose_layout, import_faiss
 
 MANIFEST, VECTORS, ITEMS = "search.json", "vectors.faiss", "items.parquet"
 FORMAT = 1
-ITEMS_SCHEMA = pa.schema([pa.field("row", pa.int64(), nullable=False), pa.field("id", pa.string(), nullable=False),
-                          pa.field("uri", pa.string()), pa.field("sha256", pa.string())])
+COPY_BLOCK = 64 << 20
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "beam-image-embeddings", "search")
 
 
 class SearchIndexError(ValueError):
@@ -40,7 +44,7 @@ class SearchIndexError(ValueError):
 class SearchIndex:
     root: str
     manifest: dict
-    items: pa.Table
+    items: Items
     vectors: VectorIndex
 
     @property
@@ -49,9 +53,7 @@ class SearchIndex:
 
     def rows_of(self, ids: list) -> list:
         """The row of each id, or None for ids not in the index."""
-        import pyarrow.compute as pc
-
-        return pc.index_in(pa.array(ids, pa.string()), value_set=self.items.column("id")).to_pylist()
+        return self.items.rows_of(ids)
 
 
 def write_bytes(path: str, data: bytes) -> None:
@@ -69,40 +71,48 @@ def write_parquet(table: pa.Table, path: str) -> None:
 
 
 def build_search_index(collection: Collection, root: str, kind: str, overwrite: bool,
-                       log: Callable[[str], None]) -> dict:
+                       log: Callable[[str], None], max_memory: Optional[int] = None, opq: bool = False) -> dict:
     """Builds and writes the index of `collection` into `root`; returns the manifest."""
     root = root.rstrip("/")
     manifest_path = FileSystems.join(root, MANIFEST)
     if FileSystems.exists(manifest_path) and not overwrite:
         raise SearchIndexError(f"{root} already holds a search index; pass --overwrite to replace it, or another "
                                f"--output.")
-    items = {}
-
-    def batches():
-        items.update(ids=[], uris=[], sha256=[])
-        seen = set()
-        for batch in collection.batches():
-            for id_ in batch.ids:
-                if id_ in seen:
-                    raise CollectionError(
-                        f"id {id_!r} appears more than once in {collection.described}: the files hold overlapping "
-                        f"runs. Build from one run, a snapshot (python -m pipeline.index snapshot), or --index ROOT.")
-                seen.add(id_)
-            items["ids"] += batch.ids
-            items["uris"] += batch.uris
-            items["sha256"] += batch.sha256
-            yield batch.vectors
-
-    index = build(batches, collection.count, collection.dim, kind, log=log)
-    if not FileSystems.exists(root):
-        FileSystems.mkdirs(root)
-    previous = _files_of(_read_manifest(manifest_path)) if FileSystems.exists(manifest_path) else {}
+    layout = choose_layout(kind, collection.count, collection.dim, max_memory, opq)
     build_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     files = {"vectors": f"vectors-{build_id}.faiss", "items": f"items-{build_id}.parquet"}
-    index.save(FileSystems.join(root, files["vectors"]))
-    table = pa.table({"row": np.arange(len(items["ids"]), dtype=np.int64), "id": items["ids"],
-                      "uri": items["uris"], "sha256": items["sha256"]}, schema=ITEMS_SCHEMA)
-    write_parquet(table, FileSystems.join(root, files["items"]))
+    if layout.kind == "compressed":
+        files["exact_vectors"] = f"exact-{build_id}.f32"
+    remote = "://" in root
+    if not FileSystems.exists(root):
+        FileSystems.mkdirs(root)
+    local = tempfile.mkdtemp(prefix="search-build-") if remote else root
+    written = [os.path.join(local, name) for name in files.values()]
+    try:
+        items = ItemsWriter(os.path.join(local, files["items"]))
+
+        def batches(adding: bool):
+            for batch in collection.batches():
+                if adding:
+                    items.add(batch.ids, batch.uris, batch.sha256)
+                yield batch.vectors
+
+        index = build(batches, collection.count, collection.dim, layout.kind, log=log,
+                      max_memory=max_memory, opq=opq, stored_path=os.path.join(local, files.get("exact_vectors", "-")))
+        _refuse_repeated_ids(items.close(), os.path.join(local, files["items"]), collection)
+        index.save(os.path.join(local, files["vectors"]))
+        if remote:
+            for name in files.values():
+                _upload(os.path.join(local, name), FileSystems.join(root, name))
+    except BaseException:
+        for path in written:
+            if os.path.exists(path):
+                os.remove(path)
+        raise
+    finally:
+        if remote:
+            shutil.rmtree(local, ignore_errors=True)
+    previous = _files_of(_read_manifest(manifest_path)) if FileSystems.exists(manifest_path) else {}
     manifest = {
         "format": FORMAT,
         "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -113,7 +123,7 @@ def build_search_index(collection: Collection, root: str, kind: str, overwrite: 
         "metric": METRIC,
         "vectors": "L2-normalised inside the search index only; the embeddings files keep the model's vectors",
         "index": {"library": f"faiss-cpu {import_faiss().__version__}", "kind": index.kind, **index.params},
-        "with_sha256": sum(1 for s in items["sha256"] if s),
+        "with_sha256": items.with_sha256,
         "files": files,
     }
     _publish(manifest_path, json.dumps(manifest, indent=2).encode())
@@ -122,6 +132,40 @@ def build_search_index(collection: Collection, root: str, kind: str, overwrite: 
     if old:
         FileSystems.delete(old)
     return manifest
+
+
+def _refuse_repeated_ids(prints, items_path: str, collection: Collection) -> None:
+    if len(prints):
+        _, ids = Items(items_path).rows_with("id", prints)
+        if len(set(ids)) < len(ids):
+            repeated = sorted({i for i in ids if ids.count(i) > 1})
+            raise CollectionError(
+                f"id {repeated[0]!r} appears more than once in {collection.described} ({len(repeated)} ids do): the "
+                f"files hold overlapping runs. Build from one run, a snapshot (python -m pipeline.index snapshot), "
+                f"or --index ROOT.")
+
+
+def _upload(local: str, path: str) -> None:
+    with open(local, "rb") as source, FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        shutil.copyfileobj(source, f, COPY_BLOCK)
+
+
+def _local_copy(root: str, name: str) -> str:
+    """A local path of ROOT/NAME: the file itself, or for a remote index a copy in the cache (fetched once)."""
+    if "://" not in root:
+        return os.path.join(root, name)
+    folder = os.path.join(os.environ.get("SEARCH_CACHE_DIR") or DEFAULT_CACHE,
+                          hashlib.sha256(root.encode()).hexdigest()[:16])
+    path = os.path.join(folder, name)
+    remote = FileSystems.join(root, name)
+    size = FileSystems.match([remote])[0].metadata_list[0].size_in_bytes
+    if not (os.path.exists(path) and os.path.getsize(path) == size):
+        os.makedirs(folder, exist_ok=True)
+        partial = f"{path}.partial-{os.getpid()}"
+        with FileSystems.open(remote, compression_type=CompressionTypes.UNCOMPRESSED) as f, open(partial, "wb") as out:
+            shutil.copyfileobj(f, out, COPY_BLOCK)
+        os.replace(partial, path)
+    return path
 
 
 def _files_of(manifest: dict) -> dict:
@@ -151,8 +195,6 @@ def _publish(path: str, data: bytes) -> None:
 
 
 def open_search_index(root: str) -> SearchIndex:
-    import pyarrow.parquet as pq
-
     root = root.rstrip("/")
     manifest_path = FileSystems.join(root, MANIFEST)
     if not FileSystems.exists(manifest_path):
@@ -165,12 +207,11 @@ def open_search_index(root: str) -> SearchIndex:
                                f"{FORMAT}: rebuild it with python -m pipeline.search build.")
     files = _files_of(manifest)
     try:
-        with FileSystems.open(FileSystems.join(root, files["items"]),
-                              compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            items = pq.read_table(f)
+        items = Items(_local_copy(root, files["items"]))
         params = {k: v for k, v in manifest["index"].items() if k not in ("library", "kind")}
-        vectors = VectorIndex.load(FileSystems.join(root, files["vectors"]), manifest["index"]["kind"], params)
-    except (OSError, RuntimeError) as exc:  # faiss raises RuntimeError for a file that is gone
+        stored = _local_copy(root, files["exact_vectors"]) if "exact_vectors" in files else None
+        vectors = VectorIndex.load(FileSystems.join(root, files["vectors"]), manifest["index"]["kind"], params, stored)
+    except (OSError, RuntimeError, IndexError) as exc:  # faiss raises RuntimeError for a file that is gone
         raise SearchIndexError(f"{root} was rebuilt while it was being opened ({exc}); open it again.") from None
     if not items.num_rows == vectors.count == manifest["count"]:
         raise SearchIndexError(f"{root} does not add up: {manifest['count']} in {MANIFEST}, {items.num_rows} items, "
