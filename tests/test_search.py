@@ -366,7 +366,7 @@ def test_max_memory_shrinks_the_codes_and_refuses_what_cannot_fit_before_any_wor
     assert search(["build", "--embeddings", files, "--output", str(tmp_path / "exact"), "--kind", "exact",
                    "--max_memory", "1MB"]) == 2
     err = capsys.readouterr().err
-    assert "needs about 4.5 MB to build" in err and "--max_memory 1.0 MB" in err and "--kind compressed" in err
+    assert "needs about 4.4 MB to build" in err and "--max_memory 1.0 MB" in err and "--kind compressed" in err
     assert not (tmp_path / "exact").exists()
     with pytest.raises(SystemExit):
         search(["build", "--embeddings", files, "--output", str(tmp_path / "x"), "--max_memory", "lots"])
