@@ -140,7 +140,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.step:
         result = step(args.step, args.folder, args.runner)
-        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        with open("/proc/self/status") as f:  # VmHWM: Linux carries ru_maxrss over exec from the parent
+            own = next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
         workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         print(json.dumps({**result, "peak_rss_mb": round(own), "workers_peak_rss_mb": round(workers)}))
         return

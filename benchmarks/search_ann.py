@@ -34,8 +34,8 @@ CHUNK = 50_000
 K = 10
 
 
-def generate(path: str, count: int, seed: int) -> None:
-    """count x DIM float32 rows (raw .f32 file) drawn from a fixed clustered mixture; written in chunks."""
+def draws(count: int, seed: int):
+    """count x DIM float32 rows drawn from a fixed clustered mixture, CHUNK rows at a time."""
     mixture = np.random.default_rng(1234)  # the same mixture for every size, database and queries
     basis = np.linalg.qr(mixture.standard_normal((DIM, SUBSPACE)))[0].astype(np.float32)
     clusters = 2000
@@ -45,15 +45,21 @@ def generate(path: str, count: int, seed: int) -> None:
     weights /= weights.sum()
     offset = np.abs(mixture.standard_normal(DIM)).astype(np.float32)
     rng = np.random.default_rng(seed)
+    for start in range(0, count, CHUNK):
+        n = min(CHUNK, count - start)
+        which = rng.choice(clusters, n, p=weights)
+        low = centres[which] + rng.standard_normal((n, SUBSPACE), np.float32) * spreads[which, None]
+        rows = low @ basis.T + offset + rng.standard_normal((n, DIM), np.float32) * 0.05
+        np.maximum(rows, 0, out=rows)
+        rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+        yield rows.astype(np.float32)
+
+
+def generate(path: str, count: int, seed: int) -> None:
+    """draws() into a raw .f32 file."""
     with open(path + ".tmp", "wb") as f:
-        for start in range(0, count, CHUNK):
-            n = min(CHUNK, count - start)
-            which = rng.choice(clusters, n, p=weights)
-            low = centres[which] + rng.standard_normal((n, SUBSPACE), np.float32) * spreads[which, None]
-            rows = low @ basis.T + offset + rng.standard_normal((n, DIM), np.float32) * 0.05
-            np.maximum(rows, 0, out=rows)
-            rows /= np.linalg.norm(rows, axis=1, keepdims=True)
-            rows.astype(np.float32).tofile(f)
+        for rows in draws(count, seed):
+            rows.tofile(f)
     os.replace(path + ".tmp", path)
 
 

@@ -4,9 +4,11 @@ Three kinds, chosen by `auto` from the collection's size and the memory budget (
 - exact: every vector compared (small collections);
 - ann: inverted lists (IVF) holding the full vectors, the number probed tuned at build time on the
   collection's own vectors until recall@10 against exact search reaches TUNED_RECALL;
-- compressed: inverted lists holding product-quantized codes (a few bytes a vector, optionally after an OPQ
-  rotation), whose candidates are re-ranked with the exact vectors read from a file on disk beside the index:
-  memory per vector falls from 4 x dim bytes to m + 8, and re-ranking gives back the recall the codes lose.
+- compressed: inverted lists holding product-quantized codes (4-bit sub-quantizers in faiss's SIMD "fast scan"
+  layout, optionally after an OPQ rotation), whose candidates are re-ranked with the exact vectors read from a
+  file on disk beside the index: memory per vector falls from 4 x dim bytes to dim/4 + 8 (or less, to fit a
+  budget), and re-ranking gives back the recall the codes lose. 8-bit codes were measured too: their training
+  takes minutes where fast-scan's takes seconds, for less recall per byte once re-ranked.
 faiss was chosen over ScaNN by measurement (benchmarks/search_ann.py, README "Search"); it adds vectors a batch
 at a time and answers range queries, which bound build memory and make `duplicates` possible at scale.
 """
@@ -29,9 +31,13 @@ TUNED_RECALL = 0.97  # recall@10 the tuning aims for on sample queries; leaves r
 TUNING_QUERIES = 400
 TRAINING_PER_LIST = 40  # training vectors per inverted list (faiss warns below 39)
 SEARCH_CHUNK = 4096  # queries per call: bounds the memory of range and batched searches
-RERANK_DEPTH = 10  # compressed: candidates re-ranked per neighbour asked for (k=10 re-ranks 100)
-PQ_DIMS_PER_BYTE = (8, 16, 32, 4)  # compressed: code sizes tried in this order (dim/8 bytes first)
+RERANK_CHUNK = 32  # compressed: queries re-ranked together (32 x 400 candidates of dim 1664: 85 MB)
+VERIFY_CHUNK = 8192  # compressed duplicates: candidate pairs checked together (about 110 MB at dim 1664)
+RERANK_DEPTHS = (10, 20, 40)  # compressed: candidates re-ranked per neighbour asked for, tried in tuning
+DIMS_PER_CODE_BYTE = (4, 8, 16, 32)  # compressed: code sizes tried in this order (dim/4 bytes a vector first)
 MARGIN_QUANTILE = 0.999  # compressed duplicates: the code-vs-exact error below which candidates are kept
+PROCESS_BASE = 300 * 2**20  # Python with Beam, pyarrow and faiss loaded (measured: 250-300 MB)
+READ_COPIES = 6  # a batch of rows read from Parquet and normalised peaks at about 6 copies of its floats (measured)
 UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
 
@@ -92,7 +98,7 @@ class Layout:
     kind: str
     count: int
     dim: int
-    code_bytes: int = 0  # compressed: bytes per vector (product-quantizer sub-vectors of 8 bits)
+    code_bytes: int = 0  # compressed: bytes per vector (two 4-bit product-quantizer codes a byte)
     opq: bool = False
     fewer_lists: int = 1  # compressed under a tight budget: list_count / this (a smaller training sample)
 
@@ -109,25 +115,31 @@ class Layout:
         if self.kind == "ann":  # full vectors, list ids, the row -> list map for reconstruction
             return self.count * (self.dim * 4 + 16) + centroids
         rotation = self.dim * self.dim * 4 if self.opq else 0
-        return self.count * (self.code_bytes + 8) + centroids + rotation + self.dim * 256 * 4
+        return self.count * (self.code_bytes + 8) + centroids + rotation + self.dim * 16 * 4
 
     @property
     def build_memory(self) -> int:
-        """Bytes a build holds at its peak: the index, the training sample, a batch being added."""
+        """Bytes a build process holds at its peak: the index, the training sample, a batch being read, and the
+        process itself."""
         sample = 0 if self.kind == "exact" else min(self.count, self.lists * TRAINING_PER_LIST) * self.dim * 4
-        return self.memory + sample + min(self.count, 8192) * self.dim * 4 * 2
+        return PROCESS_BASE + self.memory + sample + min(self.count, 8192) * self.dim * 4 * READ_COPIES
 
     def describe(self) -> str:
         if self.kind == "compressed":
-            return (f"compressed ({'OPQ + ' if self.opq else ''}IVF{self.lists} + PQ{self.code_bytes}, "
-                    f"{self.code_bytes} bytes a vector)")
+            return f"compressed ({self.factory}, {self.code_bytes} bytes a vector)"
         return self.kind
+
+    @property
+    def factory(self) -> str:
+        """The faiss index_factory description of a compressed layout."""
+        quantizers = 2 * self.code_bytes
+        return f"{f'OPQ{quantizers},' if self.opq else ''}IVF{self.lists},PQ{quantizers}x4fs"
 
 
 def choose_layout(kind: str, count: int, dim: int, max_memory: Optional[int], opq: bool = False) -> Layout:
     """The layout `kind` (or auto) gives; with a budget, the best one whose build and index fit it."""
     def compressed():
-        sizes = [dim // per for per in PQ_DIMS_PER_BYTE if dim % per == 0 and dim // per >= 1] or [1]
+        sizes = [dim // per for per in DIMS_PER_CODE_BYTE if dim % per == 0] or [dim // 2]
         layouts = [Layout("compressed", count, dim, m, opq, fewer) for m in sizes for fewer in (1, 2, 4)]
         if max_memory is None:
             return layouts[0]
@@ -236,7 +248,10 @@ class VectorIndex:
             once = rows[position] < neighbours
             position, neighbours, similarities = position[once], neighbours[once], similarities[once]
             if self.stored is not None:  # the codes proposed; the exact vectors decide
-                similarities = np.einsum("ij,ij->i", queries[position], self.stored.rows(neighbours))
+                similarities = np.concatenate([np.zeros(0, np.float32)] + [
+                    np.einsum("ij,ij->i", queries[position[i:i + VERIFY_CHUNK]],
+                              self.stored.rows(neighbours[i:i + VERIFY_CHUNK]))
+                    for i in range(0, len(position), VERIFY_CHUNK)])
                 kept = similarities >= np.float32(threshold)
                 position, neighbours, similarities = position[kept], neighbours[kept], similarities[kept]
             yield rows[position], neighbours, similarities
@@ -266,6 +281,10 @@ class VectorIndex:
 
 def _rerank(queries: np.ndarray, candidates: np.ndarray, stored: StoredVectors, k: int):
     """The k best of each query's candidate rows by exact inner product with the stored vectors."""
+    if len(queries) > RERANK_CHUNK:
+        found = [_rerank(queries[i:i + RERANK_CHUNK], candidates[i:i + RERANK_CHUNK], stored, k)
+                 for i in range(0, len(queries), RERANK_CHUNK)]
+        return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
     valid = candidates >= 0
     vectors = stored.rows(np.where(valid, candidates, 0).reshape(-1)).reshape(*candidates.shape, -1)
     scores = np.einsum("qd,qcd->qc", queries, vectors)
@@ -305,11 +324,9 @@ def build(batches: Callable[[bool], Iterator[np.ndarray]], count: int, dim: int,
         index.cp.seed = seed
         described = "IndexIVFFlat"
     else:
-        described = f"{'OPQ' + str(layout.code_bytes) + ',' if opq else ''}IVF{lists},PQ{layout.code_bytes}"
+        described = layout.factory
         index = faiss.index_factory(dim, described, faiss.METRIC_INNER_PRODUCT)
-        ivf = faiss.extract_index_ivf(index)
-        ivf.cp.seed = seed
-        ivf.by_residual = True
+        faiss.extract_index_ivf(index).cp.seed = seed
     index.train(sample)
     truth = _TopK(sample[tuning], 10)  # sample queries: exact neighbours gathered while adding
     del sample
@@ -332,10 +349,12 @@ def build(batches: Callable[[bool], Iterator[np.ndarray]], count: int, dim: int,
         index.make_direct_map()
         built = VectorIndex(index, "ann", params)
     else:
-        params.update(code_bytes=layout.code_bytes, opq=opq, rerank_depth=RERANK_DEPTH)
+        params.update(code_bytes=layout.code_bytes, opq=opq)
         built = VectorIndex(index, "compressed", params, StoredVectors(stored_path, count, dim))
-    nprobe, recall = _tune(built, truth)
+    nprobe, depth, recall = _tune(built, truth)
     params.update(nprobe=nprobe, tuned_recall_at_10=round(recall, 4), memory_bytes=layout.memory)
+    if layout.kind == "compressed":
+        params["rerank_depth"] = depth
     if layout.kind == "compressed":
         params["code_error"] = round(_code_error(built, truth), 4)
     log(f"Probing {nprobe} of {lists} lists: recall@10 {recall:.3f} against exact search on sample queries.")
@@ -368,17 +387,24 @@ def _rows(batches: Iterator[np.ndarray], wanted: np.ndarray, dim: int) -> np.nda
     return out
 
 
-def _tune(index: VectorIndex, truth: _TopK) -> tuple[int, float]:
-    """The fewest lists to probe (doubling) whose recall@10 against exact search reaches TUNED_RECALL."""
+def _tune(index: VectorIndex, truth: _TopK) -> tuple[int, int, float]:
+    """(lists probed, re-rank depth, recall@10): the fewest lists (doubling), and for a compressed index the
+    shallowest re-ranking at each, whose recall@10 against exact search reaches TUNED_RECALL."""
     ivf = import_faiss().extract_index_ivf(index.index)
     k = min(truth.k, index.count)
+    depths = RERANK_DEPTHS if index.kind == "compressed" else (1,)
     nprobe = 1
     while True:
         ivf.nprobe = nprobe
-        _, found = index.search(truth.queries, k)
-        recall = float(np.mean([len(set(f) & set(e[:k])) / k for f, e in zip(found, truth.rows)]))
-        if recall >= TUNED_RECALL or nprobe >= ivf.nlist:
-            return nprobe, recall
+        for depth in depths:
+            if index.kind == "compressed":
+                index.params["rerank_depth"] = depth
+            _, found = index.search(truth.queries, k)
+            recall = float(np.mean([len(set(f) & set(e[:k])) / k for f, e in zip(found, truth.rows)]))
+            if recall >= TUNED_RECALL:
+                return nprobe, depth, recall
+        if nprobe >= ivf.nlist:
+            return nprobe, depth, recall
         nprobe = min(2 * nprobe, ivf.nlist)
 
 
