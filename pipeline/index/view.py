@@ -1,7 +1,8 @@
 """The current view of an index: for every live (id, uri) of the last update, the latest committed vector for it.
 
-`index_status` counts it from the id and uri columns (pyarrow joins, no vectors read); `WriteSnapshot` writes
-it as one dataset with a Beam pipeline, so that it scales with the index.
+`index_status` counts it and `current_selection` finds its rows from the id and uri columns alone (pyarrow
+joins, bucket by bucket through local files: spill.py); `WriteSnapshot` writes it as one dataset with a Beam
+pipeline, so that it scales with the index.
 """
 
 from __future__ import annotations
@@ -15,24 +16,11 @@ import pyarrow as pa
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.index.plan import read_pairs
+from pipeline.index.plan import read_pairs as read_keyed_pairs
+from pipeline.index.spill import Buckets, parquet_rows, read_pairs, total_rows
 from pipeline.index.store import IndexStore, LogEntry
 from transforms.embed import Embedding
 from transforms.sink import METADATA_PREFIX, WriteEmbeddings
-
-
-def _pairs_table(files: Sequence[tuple]) -> pa.Table:
-    """id, uri, seq of every row of the given (seq, path) Parquet files."""
-    import pyarrow.parquet as pq
-
-    tables = []
-    for seq, path in files:
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            table = pq.read_table(f, columns=["id", "uri"])
-        tables.append(table.append_column("seq", pa.array(np.full(table.num_rows, seq, np.int64))))
-    empty = pa.table({"id": pa.array([], pa.string()), "uri": pa.array([], pa.string()),
-                      "seq": pa.array([], pa.int64())})
-    return pa.concat_tables([t.cast(empty.schema) for t in tables]) if tables else empty
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,43 +44,80 @@ def vector_files(store: IndexStore, entries: Sequence[LogEntry]) -> list[tuple]:
     return [(run.seq, path) for run in store.committed_runs(entries) for path in store.run_files(run)]
 
 
-def _live_and_vectors(store: IndexStore, entries: Sequence[LogEntry]) -> tuple[pa.Table, pa.Table]:
+LIVE_SCHEMA = pa.schema([("id", pa.string()), ("uri", pa.string())])
+VECTOR_SCHEMA = pa.schema([("id", pa.string()), ("uri", pa.string()), ("seq", pa.int64()), ("file", pa.int64()),
+                           ("row", pa.int64())])
+
+
+def _joined(store: IndexStore, entries: Sequence[LogEntry], files: Sequence[tuple]) -> Buckets:
+    """The last update's live (id, uri) and the (id, uri, seq, file, row) of every row of `files`, bucketed by id."""
     last = store.latest_update(entries)
-    live = _pairs_table([(0, path) for path in store.live_files(last)]) if last else _pairs_table([])
-    return live, _pairs_table(vector_files(store, entries))
+    live = store.live_files(last) if last else []
+    buckets = Buckets(total_rows(live) + total_rows([path for _, path in files]))
+    buckets.add("live", (t for path in live for t in read_pairs(path, {})), LIVE_SCHEMA)
+    buckets.add("vectors", (t for number, (seq, path) in enumerate(files)
+                            for t in read_pairs(path, {"seq": seq, "file": number})), VECTOR_SCHEMA)
+    return buckets
 
 
-def current_rows(store: IndexStore, entries: Sequence[LogEntry]) -> pa.Table:
-    """(id, uri, seq) of the current view: each live (id, uri) with the run seq of its latest vector."""
-    live, vectors = _live_and_vectors(store, entries)
-    latest = vectors.group_by(["id", "uri"]).aggregate([("seq", "max")]).rename_columns(["id", "uri", "seq"])
-    return live.select(["id", "uri"]).join(latest, ["id", "uri"], join_type="inner")
+def _distinct_pairs(table: pa.Table) -> pa.Table:
+    return table.group_by(["id", "uri"]).aggregate([])
+
+
+def current_selection(store: IndexStore, entries: Sequence[LogEntry]) -> tuple[list, list, int]:
+    """The current view as ((seq, path) of each committed embeddings file, a mask of its rows in the view, rows).
+
+    Each live (id, uri) keeps the row of its latest vector; computed bucket by bucket, so that no id list is
+    held whole.
+    """
+    files = vector_files(store, entries)
+    masks = [np.zeros(parquet_rows(path), bool) for _, path in files]
+    count = 0
+    with _joined(store, entries, files) as buckets:
+        for bucket in buckets:
+            vectors = bucket["vectors"]
+            latest = vectors.group_by(["id", "uri"]).aggregate([("seq", "max")]).rename_columns(["id", "uri", "seq"])
+            current = bucket["live"].join(latest, ["id", "uri"], join_type="inner")
+            rows = current.join(vectors, ["id", "uri", "seq"], join_type="inner")
+            numbers, row_numbers = rows.column("file").to_numpy(), rows.column("row").to_numpy()
+            for number in np.unique(numbers):
+                masks[number][row_numbers[numbers == number]] = True
+            count += rows.num_rows
+    return files, masks, count
 
 
 def index_status(store: IndexStore, running_update: Optional[str] = None) -> IndexStatus:
     """Counts of the committed state; what an update in progress (`running_update`) wrote is not counted."""
+    import pyarrow.compute as pc
+
     entries = store.log()
     runs = store.committed_runs(entries)
     last = store.latest_update(entries)
     finished = {e.body["update"] for e in entries if e.kind == "update"}
-    live, vectors = _live_and_vectors(store, entries)
-    pending = _pairs_table(vector_files(store, [r for r in runs if r.body.get("update") not in finished]))
-    settled = _pairs_table(vector_files(store, [r for r in runs if r.body.get("update") in finished]))
-    current = live.select(["id", "uri"]).join(vectors.group_by(["id", "uri"]).aggregate([]), ["id", "uri"],
-                                              join_type="inner")
-    settled_current = live.select(["id", "uri"]).join(settled.group_by(["id", "uri"]).aggregate([]),
-                                                      ["id", "uri"], join_type="inner")
-    removed = settled.group_by(["id"]).aggregate([]).join(live.select(["id"]), "id", join_type="left anti")
+    pending_runs = pa.array([r.seq for r in runs if r.body.get("update") not in finished], pa.int64())
+    totals = dict.fromkeys(("live", "current", "settled", "settled_current", "removed", "pending"), 0)
+    with _joined(store, entries, vector_files(store, entries)) as buckets:
+        for bucket in buckets:
+            live, vectors = bucket["live"], bucket["vectors"]
+            pending = pc.is_in(vectors.column("seq"), value_set=pending_runs)
+            settled = vectors.filter(pc.invert(pending))
+            totals["live"] += live.num_rows
+            totals["current"] += live.join(_distinct_pairs(vectors), ["id", "uri"], join_type="inner").num_rows
+            totals["settled"] += settled.num_rows
+            totals["settled_current"] += live.join(_distinct_pairs(settled), ["id", "uri"], join_type="inner").num_rows
+            totals["removed"] += settled.group_by(["id"]).aggregate([]).join(live.select(["id"]), "id",
+                                                                              join_type="left anti").num_rows
+            totals["pending"] += vectors.num_rows - settled.num_rows
     begun = [e.body["update"] for e in entries if e.kind == "begin"]
     return IndexStatus(
         runs=len(runs),
         updates=len(finished),
-        live_ids=live.num_rows,
-        embedded=current.num_rows,
-        failed=live.num_rows - current.num_rows,
-        superseded_vectors=settled.num_rows - settled_current.num_rows,
-        removed_ids=removed.num_rows,
-        pending_vectors=pending.num_rows,
+        live_ids=totals["live"],
+        embedded=totals["current"],
+        failed=totals["live"] - totals["current"],
+        superseded_vectors=totals["settled"] - totals["settled_current"],
+        removed_ids=totals["removed"],
+        pending_vectors=totals["pending"],
         last_update=last.body["committed_at"] if last else None,
         unfinished_updates=tuple(u for u in begun if u not in finished and u != running_update),
         running_update=running_update,
@@ -158,7 +183,7 @@ class WriteSnapshot(beam.PTransform):
 
     def expand(self, pbegin):
         keyed = {
-            "live": pbegin | "LiveFiles" >> beam.Create(self._live) | "ReadLive" >> beam.FlatMap(read_pairs),
+            "live": pbegin | "LiveFiles" >> beam.Create(self._live) | "ReadLive" >> beam.FlatMap(read_keyed_pairs),
             "vectors": (pbegin | "VectorFiles" >> beam.Create(self._vectors) | "Spread" >> beam.Reshuffle()
                         | "ReadVectors" >> beam.FlatMap(_read_vectors)),
         }

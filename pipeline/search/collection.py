@@ -40,8 +40,7 @@ class Collection:
     files: tuple  # Parquet paths
     metadata: dict  # the embedding.* metadata they share
     count: int
-    keep: Optional[pa.Table] = None  # (id, uri, seq) of an index's current view; None keeps every row
-    seqs: tuple = ()  # run seq of each file, with `keep`
+    keep: Optional[tuple] = None  # per file, a mask of the rows in an index's current view; None keeps every row
 
     @property
     def dim(self) -> int:
@@ -55,20 +54,14 @@ class Collection:
             with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
                 parquet = pq.ParquetFile(f, pre_buffer=False)  # pre-buffering a row group doubled peak memory
                 columns = [c for c in ("id", "uri", "sha256", "embedding") if c in parquet.schema_arrow.names]
+                start = 0
                 for record_batch in parquet.iter_batches(batch_size=rows, columns=columns):
                     table = pa.Table.from_batches([record_batch])
                     if self.keep is not None:
-                        table = _kept(table, self.keep, self.seqs[position])
+                        table = table.filter(pa.array(self.keep[position][start:start + table.num_rows]))
+                        start += record_batch.num_rows
                     if table.num_rows:
                         yield _to_batch(table, self.dim)
-
-
-def _kept(table: pa.Table, keep: pa.Table, seq: int) -> pa.Table:
-    """The rows of `table` (from run `seq`) that are in the current view, in file order."""
-    keys = table.select(["id", "uri"]).append_column("row", pa.array(np.arange(table.num_rows)))
-    keys = keys.append_column("seq", pa.array(np.full(table.num_rows, seq, np.int64)))
-    rows = keys.join(keep, ["id", "uri", "seq"], join_type="inner").column("row")
-    return table.take(np.sort(rows.to_numpy()))
 
 
 def _to_batch(table: pa.Table, dim: int) -> Batch:
@@ -121,18 +114,15 @@ def from_files(pattern: str) -> Collection:
 def from_index(root: str) -> Collection:
     """The current view of an index ROOT (pipeline.index): each live id's latest vector."""
     from pipeline.index.store import IndexStore
-    from pipeline.index.view import current_rows, vector_files
+    from pipeline.index.view import current_selection
 
     store = IndexStore(root.rstrip("/"))
     if store.identity() is None:
         raise CollectionError(f"--index {root} is not an index (no index.json); make one with python -m pipeline.index create.")
-    entries = store.log()
-    keep = current_rows(store, entries)
-    if not keep.num_rows:
+    files, masks, count = current_selection(store, store.log())
+    if not count:
         raise CollectionError(f"The index at {root} has no embedded images yet; run pipeline.index update first.")
-    files = vector_files(store, entries)
-    needed = set(keep.column("seq").to_pylist())
-    files = [(seq, path) for seq, path in files if seq in needed]
-    metadata, _ = _read_footers([path for _, path in files])
-    return Collection(described=f"index {root}", files=tuple(p for _, p in files), metadata=metadata,
-                      count=keep.num_rows, keep=keep, seqs=tuple(seq for seq, _ in files))
+    used = [(path, mask) for (_, path), mask in zip(files, masks) if mask.any()]
+    metadata, _ = _read_footers([path for path, _ in used])
+    return Collection(described=f"index {root}", files=tuple(p for p, _ in used), metadata=metadata, count=count,
+                      keep=tuple(mask for _, mask in used))
