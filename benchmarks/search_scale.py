@@ -1,6 +1,6 @@
 """Search at corpus scale under a memory budget: 2M vectors of dim 1664 (13 GB of Parquet) behind a 4 GB index.
 
-    .venv/bin/python benchmarks/search_scale.py [--count 2000000] [--max_memory 4GB] [--opq]
+    .venv/bin/python benchmarks/search_scale.py [--count 2000000] [--max_memory 4GB]
 
 Writes embeddings files in the pipeline's schema (vectors from benchmarks/search_ann.py's clustered mixture, plus
 near-duplicates planted as noisy copies: 0.5% of rows, cosine >= 0.998 to their original), then, each in a
@@ -114,9 +114,8 @@ def step(name: str, index_dir: str, args) -> dict:
     if name == "build":
         from pipeline.search.__main__ import main as search
 
-        extra = ["--opq"] if args.opq else []
         code = search(["build", "--embeddings", os.path.join(WORK, "embeddings-*.parquet"), "--output", index_dir,
-                       "--overwrite", "--max_memory", args.max_memory, *extra])
+                       "--overwrite", "--max_memory", args.max_memory])
         assert code == 0
         with open(os.path.join(index_dir, "search.json")) as f:
             manifest = json.load(f)
@@ -173,12 +172,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=2_000_000)
     parser.add_argument("--max_memory", default="4GB")
-    parser.add_argument("--opq", action="store_true")
     parser.add_argument("--steps", default="build,query,duplicates")
     parser.add_argument("--keep", action="store_true", help="keep the generated files for another run")
     parser.add_argument("--step", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    index_dir = os.path.join(WORK, "index" + ("-opq" if args.opq else ""))
+    index_dir = os.path.join(WORK, "index")
     if args.step:
         result = step(args.step, index_dir, args)
         status = _status()  # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the parent
@@ -192,18 +190,17 @@ def main() -> None:
         with open(ready + ".tmp", "w") as f:
             json.dump({k: sorted(v) for k, v in duplicate_truth(args.count).items()}, f)
         os.replace(ready + ".tmp", ready)
-    results = {"count": args.count, "dim": DIM, "max_memory": args.max_memory, "opq": args.opq}
+    results = {"count": args.count, "dim": DIM, "max_memory": args.max_memory}
     for name in args.steps.split(","):
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, __file__, "--step", name, "--max_memory", args.max_memory,
-                               *(["--opq"] if args.opq else [])], capture_output=True, text=True)
+        done = subprocess.run([sys.executable, __file__, "--step", name, "--max_memory", args.max_memory],
+                              capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
         results[name] = {"wall_s": round(time.perf_counter() - started, 1),
                          **json.loads(done.stdout.strip().splitlines()[-1])}
         print(name, json.dumps(results[name]), flush=True)
-    name = "search_scale" + ("_opq" if args.opq else "") + ".json"
-    with open(os.path.join(HERE, "results", name), "w") as f:
+    with open(os.path.join(HERE, "results", "search_scale.json"), "w") as f:
         json.dump(results, f, indent=2)
     if not args.keep:
         shutil.rmtree(WORK)

@@ -1,7 +1,7 @@
 """python -m pipeline.search build|query|duplicates: search what the pipeline embedded.
 
     build      (--embeddings 'OUT/embeddings-*.parquet' | --index ROOT) --output INDEX_DIR
-               [--kind auto|exact|ann|compressed] [--max_memory SIZE] [--opq]
+               [--kind auto|exact|ann|compressed] [--max_memory SIZE]
     query      --index INDEX_DIR (--image PATH_OR_URI ... | --id ID ...) [-k 10] [--output F.parquet|F.json]
                [--contact_sheet F.png]
     duplicates --index INDEX_DIR --output DUPS.parquet [--threshold T] [--contact_sheet F.png]
@@ -48,8 +48,6 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--max_memory", type=parse_size, metavar="SIZE",
                        help="Memory the build and a loaded index may use (4GB, 500MB): auto picks the kind that "
                             "fits; a kind that cannot fit is refused before any work.")
-    build.add_argument("--opq", action="store_true",
-                       help="compressed: rotate vectors (OPQ) before quantizing; slower to train, often better recall.")
     build.add_argument("--overwrite", action="store_true", help="Replace a search index already at --output.")
 
     query = commands.add_parser("query", help="Nearest neighbours of images or indexed ids.")
@@ -99,8 +97,7 @@ def build(args) -> int:
     collection = from_index(args.index) if args.index else from_files(args.embeddings)
     _say(f"Indexing {plural(collection.count, 'vector')} of {collection.metadata.get('model')} "
          f"(dim {collection.dim}) from {collection.described} ...")
-    manifest = build_search_index(collection, args.output, args.kind, args.overwrite, _say, args.max_memory,
-                                  args.opq)
+    manifest = build_search_index(collection, args.output, args.kind, args.overwrite, _say, args.max_memory)
     index = manifest["index"]
     detail = "" if index["kind"] == "exact" else (f", {index['lists']} lists, {index['nprobe']} probed, "
                                                   f"recall@10 {index['tuned_recall_at_10']} on sample queries")

@@ -71,14 +71,14 @@ def write_parquet(table: pa.Table, path: str) -> None:
 
 
 def build_search_index(collection: Collection, root: str, kind: str, overwrite: bool,
-                       log: Callable[[str], None], max_memory: Optional[int] = None, opq: bool = False) -> dict:
+                       log: Callable[[str], None], max_memory: Optional[int] = None) -> dict:
     """Builds and writes the index of `collection` into `root`; returns the manifest."""
     root = root.rstrip("/")
     manifest_path = FileSystems.join(root, MANIFEST)
     if FileSystems.exists(manifest_path) and not overwrite:
         raise SearchIndexError(f"{root} already holds a search index; pass --overwrite to replace it, or another "
                                f"--output.")
-    layout = choose_layout(kind, collection.count, collection.dim, max_memory, opq)
+    layout = choose_layout(kind, collection.count, collection.dim, max_memory)
     build_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     files = {"vectors": f"vectors-{build_id}.faiss", "items": f"items-{build_id}.parquet"}
     if layout.kind == "compressed":
@@ -98,7 +98,7 @@ def build_search_index(collection: Collection, root: str, kind: str, overwrite: 
                 yield batch.vectors
 
         index = build(batches, collection.count, collection.dim, layout.kind, log=log,
-                      max_memory=max_memory, opq=opq, stored_path=os.path.join(local, files.get("exact_vectors", "-")))
+                      max_memory=max_memory, stored_path=os.path.join(local, files.get("exact_vectors", "-")))
         _refuse_repeated_ids(items.close(), os.path.join(local, files["items"]), collection)
         index.save(os.path.join(local, files["vectors"]))
         if remote:

@@ -5,10 +5,11 @@ Three kinds, chosen by `auto` from the collection's size and the memory budget (
 - ann: inverted lists (IVF) holding the full vectors, the number probed tuned at build time on the
   collection's own vectors until recall@10 against exact search reaches TUNED_RECALL;
 - compressed: inverted lists holding product-quantized codes (4-bit sub-quantizers in faiss's SIMD "fast scan"
-  layout, optionally after an OPQ rotation), whose candidates are re-ranked with the exact vectors read from a
+  layout), whose candidates are re-ranked with the exact vectors read from a
   file on disk beside the index: memory per vector falls from 4 x dim bytes to dim/4 + 8 (or less, to fit a
   budget), and re-ranking gives back the recall the codes lose. 8-bit codes were measured too: their training
-  takes minutes where fast-scan's takes seconds, for less recall per byte once re-ranked.
+  takes minutes where fast-scan's takes seconds, for less recall per byte once re-ranked. An OPQ rotation was
+  measured too and left out: at dim 1664 two of its 50 training iterations took over 5 minutes on 10,000 vectors.
 faiss was chosen over ScaNN by measurement (benchmarks/search_ann.py, README "Search"); it adds vectors a batch
 at a time and answers range queries, which bound build memory and make `duplicates` possible at scale.
 """
@@ -99,7 +100,6 @@ class Layout:
     count: int
     dim: int
     code_bytes: int = 0  # compressed: bytes per vector (two 4-bit product-quantizer codes a byte)
-    opq: bool = False
     fewer_lists: int = 1  # compressed under a tight budget: list_count / this (a smaller training sample)
 
     @property
@@ -114,8 +114,7 @@ class Layout:
         centroids = self.lists * self.dim * 4
         if self.kind == "ann":  # full vectors, list ids, the row -> list map for reconstruction
             return self.count * (self.dim * 4 + 16) + centroids
-        rotation = self.dim * self.dim * 4 if self.opq else 0
-        return self.count * (self.code_bytes + 8) + centroids + rotation + self.dim * 16 * 4
+        return self.count * (self.code_bytes + 8) + centroids + self.dim * 16 * 4
 
     @property
     def build_memory(self) -> int:
@@ -132,15 +131,14 @@ class Layout:
     @property
     def factory(self) -> str:
         """The faiss index_factory description of a compressed layout."""
-        quantizers = 2 * self.code_bytes
-        return f"{f'OPQ{quantizers},' if self.opq else ''}IVF{self.lists},PQ{quantizers}x4fs"
+        return f"IVF{self.lists},PQ{2 * self.code_bytes}x4fs"
 
 
-def choose_layout(kind: str, count: int, dim: int, max_memory: Optional[int], opq: bool = False) -> Layout:
+def choose_layout(kind: str, count: int, dim: int, max_memory: Optional[int]) -> Layout:
     """The layout `kind` (or auto) gives; with a budget, the best one whose build and index fit it."""
     def compressed():
         sizes = [dim // per for per in DIMS_PER_CODE_BYTE if dim % per == 0] or [dim // 2]
-        layouts = [Layout("compressed", count, dim, m, opq, fewer) for m in sizes for fewer in (1, 2, 4)]
+        layouts = [Layout("compressed", count, dim, m, fewer) for m in sizes for fewer in (1, 2, 4)]
         if max_memory is None:
             return layouts[0]
         fitting = [layout for layout in layouts if layout.build_memory <= max_memory]
@@ -298,7 +296,7 @@ def _rerank(queries: np.ndarray, candidates: np.ndarray, stored: StoredVectors, 
 
 def build(batches: Callable[[bool], Iterator[np.ndarray]], count: int, dim: int, kind: str = "auto",
           seed: int = 0, log: Optional[Callable[[str], None]] = None, max_memory: Optional[int] = None,
-          opq: bool = False, stored_path: Optional[str] = None) -> VectorIndex:
+          stored_path: Optional[str] = None) -> VectorIndex:
     """An index over every vector `batches(adding)` yields: called with adding=True once, after a sampling pass
     (adding=False) for the kinds that train.
 
@@ -306,7 +304,7 @@ def build(batches: Callable[[bool], Iterator[np.ndarray]], count: int, dim: int,
     """
     faiss = import_faiss()
     log = log or (lambda message: None)
-    layout = choose_layout(kind, count, dim, max_memory, opq)
+    layout = choose_layout(kind, count, dim, max_memory)
     if layout.kind == "exact" or count < 2 * TRAINING_PER_LIST:
         index = faiss.IndexFlatIP(dim)
         for vectors in batches(True):
@@ -349,7 +347,7 @@ def build(batches: Callable[[bool], Iterator[np.ndarray]], count: int, dim: int,
         index.make_direct_map()
         built = VectorIndex(index, "ann", params)
     else:
-        params.update(code_bytes=layout.code_bytes, opq=opq)
+        params.update(code_bytes=layout.code_bytes)
         built = VectorIndex(index, "compressed", params, StoredVectors(stored_path, count, dim))
     nprobe, depth, recall = _tune(built, truth)
     params.update(nprobe=nprobe, tuned_recall_at_10=round(recall, 4), memory_bytes=layout.memory)
