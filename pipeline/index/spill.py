@@ -1,10 +1,12 @@
-"""Joins by id over more rows than memory should hold: rows spilled to local files by a hash of their id.
+"""Joins by id over more rows than memory should hold: rows split into buckets by a stable hash of their id.
 
 Status and the current view compare the ids and uris of every live row and every committed vector. At
 corpus scale (10M ids and more) these do not belong in the launcher's memory at once, so each table is
 read a row group at a time, split into buckets by a stable hash of the id, and written to local Arrow
 files; each bucket, a slice of the ids with all their rows, is then joined on its own. Memory holds one
-bucket (ROWS_PER_BUCKET rows) and one row group, whatever the size of the index.
+bucket (ROWS_PER_BUCKET rows) and one row group, whatever the size of the index. The Beam pipelines that plan
+an update and write a snapshot split their tables with the same `split` and group them by bucket, so that their
+join moves Arrow tables, not one element per id.
 """
 
 from __future__ import annotations
@@ -27,6 +29,22 @@ READ_ROWS = 65536
 def bucket_of(ids: list, buckets: int) -> np.ndarray:
     """A stable bucket for each id (the same in every process and run)."""
     return np.fromiter((zlib.crc32(i.encode()) % buckets for i in ids), np.int64, len(ids))
+
+
+def split(table: pa.Table, buckets: int) -> Iterator[tuple]:
+    """(bucket, the rows of `table` in it) for each bucket its `id` column reaches."""
+    if buckets == 1:
+        yield 0, table
+        return
+    where = bucket_of(table.column("id").to_pylist(), buckets)
+    order = np.argsort(where, kind="stable")
+    table, bounds = table.take(order), np.searchsorted(where[order], np.arange(buckets + 1))
+    for bucket in np.flatnonzero(np.diff(bounds)):
+        yield int(bucket), table.slice(bounds[bucket], bounds[bucket + 1] - bounds[bucket])
+
+
+def concat(tables: list, schema: pa.Schema) -> pa.Table:
+    return pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
 
 
 def parquet_rows(path: str) -> int:
@@ -75,15 +93,8 @@ class Buckets:
     def add(self, side: str, tables: Iterator[pa.Table], schema: pa.Schema) -> None:
         self._schemas[side] = schema
         for table in tables:
-            table = table.select(schema.names).cast(schema)
-            if self.count == 1:
-                self._write(side, 0, table)
-                continue
-            where = bucket_of(table.column("id").to_pylist(), self.count)
-            order = np.argsort(where, kind="stable")
-            table, bounds = table.take(order), np.searchsorted(where[order], np.arange(self.count + 1))
-            for bucket in np.flatnonzero(np.diff(bounds)):
-                self._write(side, int(bucket), table.slice(bounds[bucket], bounds[bucket + 1] - bounds[bucket]))
+            for bucket, part in split(table.select(schema.names).cast(schema), self.count):
+                self._write(side, bucket, part)
 
     def _write(self, side: str, bucket: int, table: pa.Table) -> None:
         key = (side, bucket)

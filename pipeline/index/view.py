@@ -16,8 +16,8 @@ import pyarrow as pa
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.index.plan import read_pairs as read_keyed_pairs
-from pipeline.index.spill import Buckets, parquet_rows, read_pairs, total_rows
+from pipeline.index.plan import ToBuckets, bucket_count, read_pair_tables
+from pipeline.index.spill import Buckets, concat, parquet_rows, read_pairs, total_rows
 from pipeline.index.store import IndexStore, LogEntry
 from transforms.embed import Embedding
 from transforms.sink import METADATA_PREFIX, WriteEmbeddings
@@ -64,6 +64,13 @@ def _distinct_pairs(table: pa.Table) -> pa.Table:
     return table.group_by(["id", "uri"]).aggregate([])
 
 
+def latest_rows(live: pa.Table, vectors: pa.Table) -> pa.Table:
+    """(file, row) of the latest vector (highest seq) of each live (id, uri) among `vectors` (VECTOR_SCHEMA)."""
+    latest = vectors.group_by(["id", "uri"]).aggregate([("seq", "max")]).rename_columns(["id", "uri", "seq"])
+    return live.join(latest, ["id", "uri"], join_type="inner").join(
+        vectors, ["id", "uri", "seq"], join_type="inner").select(["file", "row"])
+
+
 def current_selection(store: IndexStore, entries: Sequence[LogEntry]) -> tuple[list, list, int]:
     """The current view as ((seq, path) of each committed embeddings file, a mask of its rows in the view, rows).
 
@@ -75,10 +82,7 @@ def current_selection(store: IndexStore, entries: Sequence[LogEntry]) -> tuple[l
     count = 0
     with _joined(store, entries, files) as buckets:
         for bucket in buckets:
-            vectors = bucket["vectors"]
-            latest = vectors.group_by(["id", "uri"]).aggregate([("seq", "max")]).rename_columns(["id", "uri", "seq"])
-            current = bucket["live"].join(latest, ["id", "uri"], join_type="inner")
-            rows = current.join(vectors, ["id", "uri", "seq"], join_type="inner")
+            rows = latest_rows(bucket["live"], bucket["vectors"])
             numbers, row_numbers = rows.column("file").to_numpy(), rows.column("row").to_numpy()
             for number in np.unique(numbers):
                 masks[number][row_numbers[numbers == number]] = True
@@ -125,34 +129,39 @@ def index_status(store: IndexStore, running_update: Optional[str] = None) -> Ind
     )
 
 
-def _read_vectors(task: tuple) -> Iterator[tuple]:
-    """(seq, path) -> (id, (seq, uri, vector, sha256)) for every row of a committed embeddings file."""
+def _selected_rows(bucket_and_parts) -> Iterator[tuple]:
+    """A bucket of ids -> (file number, rows of that file in the current view)."""
+    _, parts = bucket_and_parts
+    sides = {"live": [], "vectors": []}
+    for side, table in parts:
+        sides[side].append(table)
+    rows = latest_rows(concat(sides["live"], LIVE_SCHEMA), concat(sides["vectors"], VECTOR_SCHEMA))
+    numbers, row_numbers = rows.column("file").to_numpy(), rows.column("row").to_numpy()
+    for number in np.unique(numbers):
+        yield int(number), row_numbers[numbers == number]
+
+
+def _read_rows(number_and_rows: tuple, files: Sequence[str]) -> Iterator[Embedding]:
+    """(file number, arrays of row numbers) -> the Embedding of each of those rows, read in file order."""
     import pyarrow.parquet as pq
 
-    seq, path = task
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        parquet = pq.ParquetFile(f)
+    number, parts = number_and_rows
+    wanted = np.sort(np.concatenate(list(parts)))
+    with FileSystems.open(files[number], compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        parquet = pq.ParquetFile(f, pre_buffer=False)
         dim = parquet.schema_arrow.field("embedding").type.list_size
-        for batch in parquet.iter_batches(batch_size=1024):
+        start = 0
+        for batch in parquet.iter_batches(batch_size=4096):
+            lo, hi = np.searchsorted(wanted, [start, start + batch.num_rows])
+            start += batch.num_rows
+            if hi == lo:
+                continue
+            batch = batch.take(pa.array(wanted[lo:hi] - (start - batch.num_rows)))
             matrix = batch.column("embedding").flatten().to_numpy().reshape(-1, dim)
-            names = batch.schema.names
-            digests = batch.column("sha256").to_pylist() if "sha256" in names else [None] * batch.num_rows
+            digests = batch.column("sha256").to_pylist() if "sha256" in batch.schema.names else [None] * batch.num_rows
             for id_, uri, vector, digest in zip(batch.column("id").to_pylist(), batch.column("uri").to_pylist(),
                                                 matrix, digests):
-                yield id_, (seq, uri, vector.copy(), digest)
-
-
-def _current(id_and_groups) -> list:
-    """[the Embedding of a live id's latest vector for its live uri], or [] (removed, or never embedded)."""
-    id_, groups = id_and_groups
-    live = list(groups["live"])
-    uri = live[0][1] if live else None
-    matching = [(seq, vector, digest) for seq, vector_uri, vector, digest in groups["vectors"]
-                if uri is not None and vector_uri == uri]
-    if not matching:
-        return []
-    _, vector, digest = max(matching, key=lambda found: found[0])
-    return [Embedding(id_, uri, vector, digest)]
+                yield Embedding(id_, uri, vector.copy(), digest)
 
 
 def view_metadata(store: IndexStore, entries: Sequence[LogEntry]) -> dict[str, str]:
@@ -171,22 +180,33 @@ def view_metadata(store: IndexStore, entries: Sequence[LogEntry]) -> dict[str, s
 
 
 class WriteSnapshot(beam.PTransform):
-    """The current view -> OUTPUT/embeddings-*.parquet, with the schema and metadata of the index's runs."""
+    """The current view -> OUTPUT/embeddings-*.parquet, with the schema and metadata of the index's runs.
+
+    Only ids, uris and row numbers go through the join (in buckets of ids, as Arrow tables); each embeddings file
+    is then read once for the rows it gives the view, so that the vectors are never shuffled.
+    """
 
     def __init__(self, store: IndexStore, entries: Sequence[LogEntry], output_dir: str):
         super().__init__()
         last = store.latest_update(entries)
-        self._live = [(0, path) for path in store.live_files(last)] if last else []
-        self._vectors = vector_files(store, entries)
+        self._live = store.live_files(last) if last else []
+        self._vectors = [path for _, path in vector_files(store, entries)]
+        self._seqs = [seq for seq, _ in vector_files(store, entries)]
+        self._buckets = bucket_count(self._live + self._vectors)
         self._metadata = view_metadata(store, entries)
         self._output_dir = output_dir
 
     def expand(self, pbegin):
-        keyed = {
-            "live": pbegin | "LiveFiles" >> beam.Create(self._live) | "ReadLive" >> beam.FlatMap(read_keyed_pairs),
-            "vectors": (pbegin | "VectorFiles" >> beam.Create(self._vectors) | "Spread" >> beam.Reshuffle()
-                        | "ReadVectors" >> beam.FlatMap(_read_vectors)),
-        }
+        files, seqs = self._vectors, self._seqs
+        parts = (
+            pbegin | "LiveFiles" >> beam.Create(self._live) | "ReadLive" >> beam.FlatMap(read_pair_tables)
+            | "BucketLive" >> beam.ParDo(ToBuckets("live", self._buckets)),
+            pbegin | "VectorFiles" >> beam.Create(list(range(len(files)))) | "Spread" >> beam.Reshuffle()
+            | "ReadVectorIds" >> beam.FlatMap(lambda n: read_pairs(files[n], {"seq": seqs[n], "file": n}))
+            | "BucketVectors" >> beam.ParDo(ToBuckets("vectors", self._buckets)),
+        )
         dim = int(self._metadata["dim"])
-        return (keyed | "GroupById" >> beam.CoGroupByKey() | "Latest" >> beam.FlatMap(_current)
+        return (parts | "AllSides" >> beam.Flatten() | "GroupByBucket" >> beam.GroupByKey()
+                | "SelectRows" >> beam.FlatMap(_selected_rows) | "GroupByFile" >> beam.GroupByKey()
+                | "ReadRows" >> beam.FlatMap(_read_rows, files)
                 | "Write" >> WriteEmbeddings(self._output_dir, dim, self._metadata))
