@@ -85,3 +85,12 @@ def test_buckets_split_by_a_stable_hash_and_leave_no_files_behind(tmp_path):
         buckets.add("side", iter([pa.table({"id": ["x", "y"]})]), pa.schema([("id", pa.string())]))
         found = sorted(i for bucket in buckets for i in bucket["side"].column("id").to_pylist())
     assert found == ["x", "y"] and os.listdir(tmp_path) == []
+
+
+def test_a_bucket_carries_only_its_own_rows_when_pickled_for_a_shuffle():
+    import pickle
+
+    table = pa.table({"id": [f"img{i:09d}" for i in range(20000)], "uri": [f"gs://b/{i}.jpg" for i in range(20000)]})
+    parts = dict(spill.split(table, 50))
+    assert sum(p.num_rows for p in parts.values()) == 20000
+    assert sum(len(pickle.dumps(p)) for p in parts.values()) < 2 * len(pickle.dumps(table))

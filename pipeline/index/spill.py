@@ -38,9 +38,9 @@ def split(table: pa.Table, buckets: int) -> Iterator[tuple]:
         return
     where = bucket_of(table.column("id").to_pylist(), buckets)
     order = np.argsort(where, kind="stable")
-    table, bounds = table.take(order), np.searchsorted(where[order], np.arange(buckets + 1))
-    for bucket in np.flatnonzero(np.diff(bounds)):
-        yield int(bucket), table.slice(bounds[bucket], bounds[bucket + 1] - bounds[bucket])
+    bounds = np.searchsorted(where[order], np.arange(buckets + 1))
+    for bucket in np.flatnonzero(np.diff(bounds)):  # take, not slice: a pickled slice carries all its parent's rows
+        yield int(bucket), table.take(order[bounds[bucket]:bounds[bucket + 1]])
 
 
 def concat(tables: list, schema: pa.Schema) -> pa.Table:
