@@ -167,23 +167,40 @@ def choose_layout(kind: str, count: int, dim: int, max_memory: Optional[int]) ->
 
 
 class StoredVectors:
-    """The normalised vectors of a compressed index, row after row as float32, in a local file read on demand."""
+    """The normalised vectors of a compressed index, row after row as float32, in a local file read on demand.
+
+    Rows are read with pread, not a memory map: the pages stay in the page cache, which the kernel can reclaim,
+    instead of counting in the process's resident memory.
+    """
 
     def __init__(self, path: str, count: int, dim: int):
         self.path, self.count, self.dim = path, count, dim
         size = os.path.getsize(path)
         if size != count * dim * 4:
             raise ValueError(f"{path} holds {size} bytes, not the {count * dim * 4} of {count} vectors of dim {dim}.")
-        self._matrix = np.memmap(path, np.float32, "r", shape=(count, dim)) if count else np.zeros((0, dim))
+        self._fd = os.open(path, os.O_RDONLY)
+        self._row_bytes = dim * 4
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
     def rows(self, rows) -> np.ndarray:
         """The vectors of `rows` (any order, repeats allowed), read in file order."""
-        rows = np.asarray(rows, np.int64)
+        rows = np.asarray(rows, np.int64).reshape(-1)
         unique, where = np.unique(rows, return_inverse=True)
-        return np.asarray(self._matrix[unique])[where.reshape(-1)]
+        out = np.empty((len(unique), self.dim), np.float32)
+        buffer = memoryview(out).cast("B")
+        for position, row in enumerate(unique.tolist()):
+            start = position * self._row_bytes
+            os.preadv(self._fd, [buffer[start:start + self._row_bytes]], row * self._row_bytes)
+        return out[where.reshape(-1)]
 
     def block(self, start: int, stop: int) -> np.ndarray:
-        return np.array(self._matrix[start:stop])
+        """Rows start..stop-1, read in one call."""
+        out = np.empty((stop - start, self.dim), np.float32)
+        os.preadv(self._fd, [memoryview(out).cast("B")], start * self._row_bytes)
+        return out
 
 
 @dataclasses.dataclass
