@@ -318,7 +318,7 @@ def test_compressed_index_holds_codes_reranks_from_disk_and_finds_what_exact_sea
         assert search(["build", "--embeddings", files, "--output", str(tmp_path / kind), "--kind", kind]) == 0
     manifest = json.loads((tmp_path / "compressed" / "search.json").read_text())
     index = manifest["index"]
-    assert index["kind"] == "compressed" and index["code_bytes"] == 16 and index["tuned_recall_at_10"] >= 0.97
+    assert index["kind"] == "compressed" and index["code_bytes"] == 32 and index["tuned_recall_at_10"] >= 0.97
     assert index["memory_bytes"] < 6000 * 64 * 4 / 4  # codes, not floats
     normalised = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     stored = np.fromfile(tmp_path / "compressed" / manifest["files"]["exact_vectors"], np.float32).reshape(-1, 64)
@@ -350,7 +350,7 @@ def test_max_memory_picks_the_kind_that_fits_a_corpus():
     assert choose_layout("auto", 2_000_000, 1664, None).kind == "ann"  # no budget: full vectors
     budget = 4 * 2**30
     layout = choose_layout("auto", 2_000_000, 1664, budget)  # 13 GB of floats do not fit in 4 GB
-    assert (layout.kind, layout.code_bytes) == ("compressed", 416) and layout.build_memory <= budget
+    assert (layout.kind, layout.code_bytes) == ("compressed", 832) and layout.build_memory <= budget
     smaller = choose_layout("compressed", 20_000_000, 1664, budget)  # fewer bytes a vector, to fit
     assert smaller.code_bytes == 104 and smaller.build_memory <= budget
 
@@ -360,7 +360,7 @@ def test_max_memory_shrinks_the_codes_and_refuses_what_cannot_fit_before_any_wor
 
     _synthetic_run(str(tmp_path / "run"), 6000, dim=64)
     files = str(tmp_path / "run" / "embeddings-*.parquet")
-    short = Layout("compressed", 6000, 64, code_bytes=16).build_memory - 1  # a byte short of the roomiest layout
+    short = Layout("compressed", 6000, 64, code_bytes=32).build_memory - 1  # a byte short of the roomiest layout
     assert search(["build", "--embeddings", files, "--output", str(tmp_path / "tight"), "--kind", "compressed",
                    "--max_memory", str(short)]) == 0
     index = json.loads((tmp_path / "tight" / "search.json").read_text())["index"]

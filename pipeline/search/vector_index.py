@@ -6,7 +6,7 @@ Three kinds, chosen by `auto` from the collection's size and the memory budget (
   collection's own vectors until recall@10 against exact search reaches TUNED_RECALL;
 - compressed: inverted lists holding product-quantized codes (4-bit sub-quantizers in faiss's SIMD "fast scan"
   layout), whose candidates are re-ranked with the exact vectors read from a
-  file on disk beside the index: memory per vector falls from 4 x dim bytes to dim/4 + 8 (or less, to fit a
+  file on disk beside the index: memory per vector falls from 4 x dim bytes to dim/2 + 8 (or less, to fit a
   budget), and re-ranking gives back the recall the codes lose. 8-bit codes were measured too: their training
   takes minutes where fast-scan's takes seconds, for less recall per byte once re-ranked. An OPQ rotation was
   measured too and left out: at dim 1664 two of its 50 training iterations took over 5 minutes on 10,000 vectors.
@@ -34,8 +34,9 @@ TRAINING_PER_LIST = 40  # training vectors per inverted list (faiss warns below 
 SEARCH_CHUNK = 4096  # queries per call: bounds the memory of range and batched searches
 RERANK_CHUNK = 32  # compressed: queries re-ranked together (32 x 400 candidates of dim 1664: 85 MB)
 VERIFY_CHUNK = 8192  # compressed duplicates: candidate pairs checked together (about 110 MB at dim 1664)
-RERANK_DEPTHS = (10, 20, 40)  # compressed: candidates re-ranked per neighbour asked for, tried in tuning
-DIMS_PER_CODE_BYTE = (4, 8, 16, 32)  # compressed: code sizes tried in this order (dim/4 bytes a vector first)
+RERANK_DEPTHS = (10, 20, 40, 100, 200)  # compressed: candidates re-ranked per neighbour asked for, tried in tuning
+DIMS_PER_CODE_BYTE = (2, 4, 8, 16, 32)  # compressed: code sizes tried in this order (dim/2 bytes a vector first)
+MAX_PROBES = 256  # tuning stops doubling the lists probed here: beyond, a query scans too much of the index
 MARGIN_QUANTILE = 0.999  # compressed duplicates: the code-vs-exact error below which candidates are kept
 PROCESS_BASE = 300 * 2**20  # Python with Beam, pyarrow and faiss loaded (measured: 250-300 MB)
 READ_COPIES = 6  # a batch of rows read from Parquet and normalised peaks at about 6 copies of its floats (measured)
@@ -403,8 +404,9 @@ def _rows(batches: Iterator[np.ndarray], wanted: np.ndarray, dim: int) -> np.nda
 
 
 def _tune(index: VectorIndex, truth: _TopK) -> tuple[int, int, float]:
-    """(lists probed, re-rank depth, recall@10): the fewest lists (doubling), and for a compressed index the
-    shallowest re-ranking at each, whose recall@10 against exact search reaches TUNED_RECALL."""
+    """(lists probed, re-rank depth, recall@10): the fewest lists (doubling, up to MAX_PROBES for a compressed
+    index), and for a compressed index the shallowest re-ranking at each, whose recall@10 against exact search
+    reaches TUNED_RECALL; if none does, the deepest search tried (its recall is recorded)."""
     ivf = import_faiss().extract_index_ivf(index.index)
     k = min(truth.k, index.count)
     depths = RERANK_DEPTHS if index.kind == "compressed" else (1,)
@@ -418,7 +420,7 @@ def _tune(index: VectorIndex, truth: _TopK) -> tuple[int, int, float]:
             recall = float(np.mean([len(set(f) & set(e[:k])) / k for f, e in zip(found, truth.rows)]))
             if recall >= TUNED_RECALL:
                 return nprobe, depth, recall
-        if nprobe >= ivf.nlist:
+        if nprobe >= ivf.nlist or (index.kind == "compressed" and nprobe >= MAX_PROBES):
             return nprobe, depth, recall
         nprobe = min(2 * nprobe, ivf.nlist)
 
