@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import time
 from typing import Callable, Iterator, Optional
 
 import numpy as np
@@ -39,6 +40,7 @@ DIMS_PER_CODE_BYTE = (2, 4, 8, 16, 32)  # compressed: code sizes tried in this o
 MAX_PROBES = 256  # tuning stops doubling the lists probed here: beyond, a query scans too much of the index
 MARGIN_QUANTILE = 0.999  # compressed duplicates: the code-vs-exact error below which candidates are kept
 PROCESS_BASE = 300 * 2**20  # Python with Beam, pyarrow and faiss loaded (measured: 250-300 MB)
+TRAINING_SCRATCH = 1.25  # k-means blocks and buffers on top of the training data (measured: 4.18 GB at 2M x 1664)
 READ_COPIES = 6  # a batch of rows read from Parquet and normalised peaks at about 6 copies of its floats (measured)
 UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
@@ -119,10 +121,12 @@ class Layout:
 
     @property
     def build_memory(self) -> int:
-        """Bytes a build process holds at its peak: the index, the training sample, a batch being read, and the
-        process itself."""
+        """Bytes a build process holds at its peak: the process, a batch being read, and the larger of training
+        (the sample, and for compressed codes faiss's residuals of it, plus k-means scratch) and the filled index."""
         sample = 0 if self.kind == "exact" else min(self.count, self.lists * TRAINING_PER_LIST) * self.dim * 4
-        return PROCESS_BASE + self.memory + sample + min(self.count, 8192) * self.dim * 4 * READ_COPIES
+        training = sample * (2 if self.kind == "compressed" else 1) * TRAINING_SCRATCH
+        reading = min(self.count, 8192) * self.dim * 4 * READ_COPIES
+        return PROCESS_BASE + reading + int(max(training, self.memory + (sample if self.kind == "ann" else 0)))
 
     def describe(self) -> str:
         if self.kind == "compressed":
@@ -404,25 +408,41 @@ def _rows(batches: Iterator[np.ndarray], wanted: np.ndarray, dim: int) -> np.nda
 
 
 def _tune(index: VectorIndex, truth: _TopK) -> tuple[int, int, float]:
-    """(lists probed, re-rank depth, recall@10): the fewest lists (doubling, up to MAX_PROBES for a compressed
-    index), and for a compressed index the shallowest re-ranking at each, whose recall@10 against exact search
-    reaches TUNED_RECALL; if none does, the deepest search tried (its recall is recorded)."""
+    """(lists probed, re-rank depth, recall@10): the quickest setting whose recall@10 against exact search on the
+    sample queries reaches TUNED_RECALL, timed on them; if none does, the most accurate one tried.
+
+    Lists probed double up to all lists (MAX_PROBES for a compressed index); a compressed index also tries each
+    re-rank depth, shallowest first, and stops deepening at the first that reaches the target, since deeper only
+    costs more reads.
+    """
     ivf = import_faiss().extract_index_ivf(index.index)
     k = min(truth.k, index.count)
-    depths = RERANK_DEPTHS if index.kind == "compressed" else (1,)
+    compressed = index.kind == "compressed"
+    depths = RERANK_DEPTHS if compressed else (1,)
+    limit = min(ivf.nlist, MAX_PROBES) if compressed else ivf.nlist
+    tried = []  # (reached, seconds or -recall, nprobe, depth, recall)
     nprobe = 1
     while True:
         ivf.nprobe = nprobe
         for depth in depths:
-            if index.kind == "compressed":
+            if compressed:
                 index.params["rerank_depth"] = depth
+            started = time.perf_counter()
             _, found = index.search(truth.queries, k)
+            seconds = time.perf_counter() - started
             recall = float(np.mean([len(set(f) & set(e[:k])) / k for f, e in zip(found, truth.rows)]))
-            if recall >= TUNED_RECALL:
-                return nprobe, depth, recall
-        if nprobe >= ivf.nlist or (index.kind == "compressed" and nprobe >= MAX_PROBES):
-            return nprobe, depth, recall
-        nprobe = min(2 * nprobe, ivf.nlist)
+            reached = recall >= TUNED_RECALL
+            tried.append((not reached, seconds if reached else -recall, nprobe, depth, recall))
+            if reached:
+                break
+        if nprobe >= limit or (tried[-1][0] is False and depth == depths[0]):
+            break  # more lists cannot be quicker once the shallowest depth reaches the target
+        nprobe = min(2 * nprobe, limit)
+    _, _, nprobe, depth, recall = min(tried)
+    ivf.nprobe = nprobe
+    if compressed:
+        index.params["rerank_depth"] = depth
+    return nprobe, depth, recall
 
 
 def _code_error(index: VectorIndex, truth: _TopK) -> float:
