@@ -7,6 +7,7 @@ near-duplicates planted as noisy copies: 0.5% of rows, cosine >= 0.998 to their 
 fresh process that reports its wall time and peak RSS:
 - build: `python -m pipeline.search build --max_memory SIZE` (auto picks the kind);
 - query: recall@10 against exact search for 1000 held-out queries, queries/s batched (1000 a call) and single;
+- settings (with --steps): recall and queries/s of other (lists probed, re-rank depth) settings of the index;
 - duplicates: `duplicates` at cosine >= 0.995 over every vector, its pair recall measured on 1000 sample rows
   against an exact scan of all vectors.
 Exact answers come from a brute-force pass over the files. Writes benchmarks/results/search_scale.json.
@@ -124,6 +125,20 @@ def step(name: str, index_dir: str, args) -> dict:
     from pipeline.search.store import open_search_index
 
     index = open_search_index(index_dir)
+    if name == "settings":  # other (lists probed, re-rank depth) settings of the same index, batched queries
+        import faiss
+
+        queries, truth = np.load(os.path.join(WORK, "queries.npy")), np.load(os.path.join(WORK, "truth.npy"))
+        ivf, rows = faiss.extract_index_ivf(index.vectors.index), []
+        for nprobe, depth in ((16, 100), (32, 40), (32, 200), (64, 20), (64, 40), (128, 20)):
+            ivf.nprobe, index.vectors.params["rerank_depth"] = nprobe, depth
+            started = time.perf_counter()
+            _, found = index.vectors.search(queries, K)
+            rate = len(queries) / (time.perf_counter() - started)
+            recall = float(np.mean([len(set(f) & set(t)) / K for f, t in zip(found, truth)]))
+            rows.append({"nprobe": nprobe, "rerank_depth": depth, "recall_at_10": round(recall, 4),
+                         "batched_qps": round(rate, 1)})
+        return {"settings": rows}
     if name == "query":
         queries, truth = np.load(os.path.join(WORK, "queries.npy")), np.load(os.path.join(WORK, "truth.npy"))
         started = time.perf_counter()

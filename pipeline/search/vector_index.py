@@ -34,11 +34,11 @@ TUNING_QUERIES = 400
 TRAINING_PER_LIST = 40  # training vectors per inverted list (faiss warns below 39)
 SEARCH_CHUNK = 4096  # queries per call: bounds the memory of range and batched searches
 RERANK_CHUNK = 32  # compressed: queries re-ranked together (32 x 400 candidates of dim 1664: 85 MB)
-VERIFY_CHUNK = 8192  # compressed duplicates: candidate pairs checked together (about 110 MB at dim 1664)
+PAIR_BLOCK = 2048  # compressed duplicates: rows of an inverted list compared with the rest at once
+NEIGHBOUR_LISTS = 4  # compressed duplicates: each list is also compared with its nearest lists (by centroid)
 RERANK_DEPTHS = (10, 20, 40, 100, 200)  # compressed: candidates re-ranked per neighbour asked for, tried in tuning
 DIMS_PER_CODE_BYTE = (2, 4, 8, 16, 32)  # compressed: code sizes tried in this order (dim/2 bytes a vector first)
 MAX_PROBES = 256  # tuning stops doubling the lists probed here: beyond, a query scans too much of the index
-MARGIN_QUANTILE = 0.999  # compressed duplicates: the code-vs-exact error below which candidates are kept
 PROCESS_BASE = 300 * 2**20  # Python with Beam, pyarrow and faiss loaded (measured: 250-300 MB)
 TRAINING_SCRATCH = 1.25  # k-means blocks and buffers on top of the training data (measured: 4.18 GB at 2M x 1664)
 READ_COPIES = 6  # a batch of rows read from Parquet and normalised peaks at about 6 copies of its floats (measured)
@@ -186,9 +186,9 @@ class StoredVectors:
         self._fd = os.open(path, os.O_RDONLY)
         self._row_bytes = dim * 4
 
-    def __del__(self):
+    def __del__(self, close=os.close):  # os itself may be gone at interpreter exit
         if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
+            close(self._fd)
 
     def rows(self, rows) -> np.ndarray:
         """The vectors of `rows` (any order, repeats allowed), read in file order."""
@@ -242,10 +242,13 @@ class VectorIndex:
         """(rows, neighbour rows, similarities) of every pair with similarity >= threshold, each pair once.
 
         exact and ann: exact (an inverted-list index probes all its lists here, since the probe count tuned for
-        top-k queries misses pairs that straddle two lists). compressed: the codes find candidates within the
-        build's measured code error of the threshold in the tuned lists, and the exact vectors decide; pairs
-        across lists not probed can be missed (recall measured by benchmarks/search_scale.py).
+        top-k queries misses pairs that straddle two lists). compressed: every pair within each inverted list and
+        between it and its nearest lists, compared with the exact vectors read a list at a time; a pair whose
+        vectors fell into lists farther apart is missed (recall measured by benchmarks/search_scale.py).
         """
+        if self.kind == "compressed":
+            yield from self._pairs_within_lists(threshold)
+            return
         if self.kind == "ann":
             ivf = import_faiss().extract_index_ivf(self.index)
             tuned, ivf.nprobe = ivf.nprobe, ivf.nlist
@@ -257,24 +260,47 @@ class VectorIndex:
         yield from self._pairs_above(threshold)
 
     def _pairs_above(self, threshold: float) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        margin = self.params.get("code_error", 0.0)
         for start in range(0, self.count, SEARCH_CHUNK):
             rows = np.arange(start, min(start + SEARCH_CHUNK, self.count))
-            queries = self.vectors(rows) if self.stored is None else self.stored.block(rows[0], rows[-1] + 1)
             # faiss keeps inner products strictly above the radius; nextafter makes the threshold inclusive
             limits, similarities, neighbours = self.index.range_search(
-                queries, float(np.nextafter(np.float32(threshold - margin), np.float32(-1))))
-            position = np.repeat(np.arange(len(rows)), np.diff(limits).astype(np.int64))
-            once = rows[position] < neighbours
-            position, neighbours, similarities = position[once], neighbours[once], similarities[once]
-            if self.stored is not None:  # the codes proposed; the exact vectors decide
-                similarities = np.concatenate([np.zeros(0, np.float32)] + [
-                    np.einsum("ij,ij->i", queries[position[i:i + VERIFY_CHUNK]],
-                              self.stored.rows(neighbours[i:i + VERIFY_CHUNK]))
-                    for i in range(0, len(position), VERIFY_CHUNK)])
-                kept = similarities >= np.float32(threshold)
-                position, neighbours, similarities = position[kept], neighbours[kept], similarities[kept]
-            yield rows[position], neighbours, similarities
+                self.vectors(rows), float(np.nextafter(np.float32(threshold), np.float32(-1))))
+            owners = rows[np.repeat(np.arange(len(rows)), np.diff(limits).astype(np.int64))]
+            once = owners < neighbours
+            yield owners[once], neighbours[once], similarities[once]
+
+    def _pairs_within_lists(self, threshold: float) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Pairs within each inverted list and between it and its NEIGHBOUR_LISTS nearest lists, compared exactly."""
+        faiss = import_faiss()
+        ivf = faiss.extract_index_ivf(self.index)
+        lists = ivf.invlists
+        centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+        near = min(NEIGHBOUR_LISTS, ivf.nlist - 1)
+        compared = set()
+
+        def members(number):
+            size = lists.list_size(number)
+            return np.sort(faiss.rev_swig_ptr(lists.get_ids(number), size).astype(np.int64)) if size else \
+                np.zeros(0, np.int64)
+
+        for number in range(ivf.nlist):
+            own = members(number)
+            if not len(own):
+                continue
+            closeness = centroids[number] @ centroids.T
+            closeness[number] = -np.inf
+            partners = [int(n) for n in np.argsort(-closeness)[:near]] if near > 0 else []
+            others = [n for n in partners if (min(n, number), max(n, number)) not in compared]
+            compared.update((min(n, number), max(n, number)) for n in others)
+            rows = np.concatenate([own] + [members(n) for n in others])
+            vectors = self.stored.rows(rows)
+            for start in range(0, len(own), PAIR_BLOCK):  # own rows against own and partner rows
+                similarities = vectors[start:start + PAIR_BLOCK] @ vectors[start:].T
+                a, b = np.nonzero(similarities >= np.float32(threshold))
+                left, right = rows[a + start], rows[b + start]
+                once = (left != right) & ((b + start < len(own)) & (a < b) | (b + start >= len(own)))
+                yield (np.minimum(left, right)[once], np.maximum(left, right)[once],
+                       similarities[a[once], b[once]])
 
     def save(self, path: str) -> None:
         faiss = import_faiss()
@@ -375,8 +401,6 @@ def build(batches: Callable[[bool], Iterator[np.ndarray]], count: int, dim: int,
     params.update(nprobe=nprobe, tuned_recall_at_10=round(recall, 4), memory_bytes=layout.memory)
     if layout.kind == "compressed":
         params["rerank_depth"] = depth
-    if layout.kind == "compressed":
-        params["code_error"] = round(_code_error(built, truth), 4)
     log(f"Probing {nprobe} of {lists} lists: recall@10 {recall:.3f} against exact search on sample queries.")
     return built
 
@@ -443,12 +467,3 @@ def _tune(index: VectorIndex, truth: _TopK) -> tuple[int, int, float]:
     if compressed:
         index.params["rerank_depth"] = depth
     return nprobe, depth, recall
-
-
-def _code_error(index: VectorIndex, truth: _TopK) -> float:
-    """How far the codes' similarity falls below the exact one for near neighbours (MARGIN_QUANTILE of the gap)."""
-    approximate, rows = index.index.search(truth.queries, truth.k * 4)
-    exact = np.einsum("qd,qcd->qc", truth.queries,
-                      index.stored.rows(np.maximum(rows, 0).reshape(-1)).reshape(*rows.shape, -1))
-    gaps = (exact - approximate)[rows >= 0]
-    return float(np.quantile(np.abs(gaps), MARGIN_QUANTILE)) if gaps.size else 0.0
