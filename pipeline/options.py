@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import os
 from typing import Optional, Sequence
 
 from pipeline.models import CUSTOM_MODEL, MODELS, ModelSpec, resolve_model

@@ -38,7 +38,7 @@ def test_a_folder_or_globstar_gives_every_image_at_every_depth(tmp_path, nested_
     printed = capsys.readouterr().out
     if suffix:  # a glob takes every file it matches: the two that are not images are reported, not skipped
         assert found == images and len(read_errors(str(out))) == 2
-        assert f"as a glob: 7 files matched." in printed
+        assert "as a glob: 7 files matched." in printed
     else:
         assert found == images and len(read_errors(str(out))) == 0
         assert "as a folder: 5 image files under it; 2 other files left out by extension" in printed

@@ -1,8 +1,6 @@
 """Nothing lost on what production reads: object stores, flaky web servers, odd URIs, many threads, odd pixels."""
 
 import concurrent.futures
-import glob
-import io
 import json
 import os
 import time

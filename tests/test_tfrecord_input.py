@@ -1,7 +1,5 @@
 """TFRecord files of tf.train.Example images (ImageNet / TFDS layout) as input, read through tfx-bsl's TFXIO."""
 
-import pytest
-
 from helpers import PHOTO_NAMES, encode, photo, read_embeddings, read_errors, run_pipeline
 
 

@@ -17,7 +17,6 @@ that row a reported failure; they never merge rows or stop the job. TSV has no q
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 from typing import Iterator, NamedTuple, Optional, Sequence
