@@ -113,7 +113,7 @@ def test_run_local_script_embeds_the_samples_and_falls_back_loudly_when_the_hub_
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stderr.startswith("tfhub.dev cannot be reached: using a random-weight stand-in")  # at once, once
     assert result.stderr.count("cannot be reached") == 1
-    assert "cannot be reached" in result.stderr and "NOT MEANINGFUL" in result.stderr
+    assert (result.stderr + result.stdout).lower().count("not meaningful") == 1  # the closing warning, once
     assert "cuInit" not in result.stderr and "images/s overall, worker start-up included" in result.stdout
     assert "python -m pipeline.standin_models" in result.stderr and "Models without a route to the hub" in result.stderr
     n_samples = len(os.listdir(SAMPLES))
