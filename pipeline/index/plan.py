@@ -9,7 +9,7 @@ Vectors are never read here, only their id and uri columns.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import apache_beam as beam
 import numpy as np
@@ -20,8 +20,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipeline.index.spill import concat, split, total_rows
-from pipeline.index.spill import read_pairs as read_pairs_with
+from pipeline.index.spill import concat, read_pair_tables, split, total_rows
 from pipeline.index.store import IndexStore, LogEntry
 from pipeline.interrupt import run_interruptibly, run_to_end
 from pipeline.options import JobConfig
@@ -45,17 +44,6 @@ class PlanCounts:
     removed: int = 0  # live ids no longer in the input
     to_embed: int = 0  # inputs without a committed vector for their (id, uri)
     refused: int = 0  # manifest rows that are no input (bad rows, repeated ids)
-
-
-def read_pairs(task: tuple) -> Iterator[tuple]:
-    """(seq, Parquet path) -> (id, (seq, uri)) for every row; only the two small columns are read."""
-    import pyarrow.parquet as pq
-
-    seq, path = task
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        for batch in pq.ParquetFile(f).iter_batches(columns=["id", "uri"], batch_size=65536):
-            for id_, uri in zip(batch.column("id").to_pylist(), batch.column("uri").to_pylist()):
-                yield id_, (seq, uri)
 
 
 class ToBuckets(beam.DoFn):
@@ -158,12 +146,6 @@ def plan_update(
     for metric in found:
         totals[metric.key.metric.name] += metric.committed if metric.committed is not None else metric.attempted
     return PlanCounts(**totals)
-
-
-def read_pair_tables(path: str) -> Iterator[pa.Table]:
-    """The (id, uri) columns of a Parquet file, a row group's worth at a time."""
-    for table in read_pairs_with(path, {}):
-        yield table.select(["id", "uri"])
 
 
 def _count_refused(failure):

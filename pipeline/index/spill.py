@@ -70,6 +70,12 @@ def read_pairs(path: str, extra: dict) -> Iterator[pa.Table]:
             yield pa.table(columns)
 
 
+def read_pair_tables(path: str) -> Iterator[pa.Table]:
+    """The (id, uri) columns of a Parquet file, READ_ROWS at a time."""
+    for table in read_pairs(path, {}):
+        yield table.select(["id", "uri"])
+
+
 class Buckets:
     """Named sides of a join, each a stream of tables with an `id` column, split into buckets on local disk."""
 

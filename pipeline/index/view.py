@@ -16,8 +16,8 @@ import pyarrow as pa
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.index.plan import ToBuckets, bucket_count, read_pair_tables
-from pipeline.index.spill import Buckets, concat, parquet_rows, read_pairs, total_rows
+from pipeline.index.plan import ToBuckets, bucket_count
+from pipeline.index.spill import Buckets, concat, parquet_rows, read_pair_tables, read_pairs, total_rows
 from pipeline.index.store import IndexStore, LogEntry
 from transforms.embed import Embedding
 from transforms.sink import METADATA_PREFIX, WriteEmbeddings
