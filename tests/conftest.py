@@ -52,6 +52,16 @@ def flink(tmp_path_factory):
         yield cluster
 
 
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """A private PostgreSQL 16 with pgvector for the session (PyPI's pgserver; a Unix socket, no TCP port): its URL."""
+    import pgserver
+
+    server = pgserver.get_server(str(tmp_path_factory.mktemp("postgres")), cleanup_mode="stop")
+    yield server.get_uri()
+    server.cleanup()
+
+
 @pytest.fixture
 def gcs(fake_gcs, monkeypatch):
     """The emulator as gs:// for this process, faults cleared before and after."""

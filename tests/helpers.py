@@ -53,6 +53,39 @@ def write_manifest(path, pairs):
     return str(path)
 
 
+def synthetic_metadata(dim: int) -> dict:
+    """The embedding.* metadata of an index written directly by commit_run / commit_update (no model run)."""
+    return {"model": "custom", "handle": "/m", "fingerprint": "sha256:x", "image_size": "64", "dim": str(dim),
+            "preprocessing": "p", "precision": "float32", "weights": "w"}
+
+
+def commit_run(store, seq, name, update, pairs, vectors, row_group_size=None) -> None:
+    """Writes runs/NAME/embeddings-*.parquet of (id, uri) `pairs` and `vectors`, and commits it as log entry `seq`."""
+    from transforms.sink import embeddings_schema
+
+    os.makedirs(store.run_dir(name))
+    ids, uris = zip(*pairs)
+    dim = vectors.shape[1]
+    table = pa.Table.from_arrays(
+        [pa.array(ids), pa.array(uris), pa.array([f"sha-{u}" for u in uris]),
+         pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float32).reshape(-1)), dim)],
+        schema=embeddings_schema(dim, synthetic_metadata(dim)))
+    pq.write_table(table, os.path.join(store.run_dir(name), "embeddings-00000-of-00001.parquet"),
+                   row_group_size=row_group_size)
+    store.append(seq, {"kind": "run", "run": name, "update": update, "embedded": len(ids), "errors": 0})
+
+
+def commit_update(store, seq, name, live, row_group_size=None) -> None:
+    """Writes updates/NAME/live-*.parquet of (id, uri) `live` and commits the update as log entry `seq`."""
+    from pipeline.index.plan import PAIRS_SCHEMA
+
+    os.makedirs(store.update_dir(name))
+    ids, uris = zip(*live)
+    pq.write_table(pa.table({"id": ids, "uri": uris}, schema=PAIRS_SCHEMA),
+                   os.path.join(store.update_dir(name), "live-00000-of-00001.parquet"), row_group_size=row_group_size)
+    store.append(seq, {"kind": "update", "update": name})
+
+
 def new_index(root, handle, *options) -> None:
     """`python -m pipeline.index create` in this process; asserts it succeeded."""
     from pipeline.index.__main__ import main

@@ -8,32 +8,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.index import spill
-from pipeline.index.plan import PAIRS_SCHEMA
 from pipeline.index.store import IndexStore
 from pipeline.index.view import current_selection, index_status
-from transforms.sink import embeddings_schema
+from helpers import commit_run, commit_update, synthetic_metadata
 
 DIM = 4
-METADATA = {"model": "custom", "handle": "/m", "fingerprint": "sha256:x", "image_size": "64", "dim": str(DIM),
-            "preprocessing": "p", "precision": "float32", "weights": "w"}
 
 
 def _run(store: IndexStore, seq: int, name: str, update: str, pairs: list) -> None:
-    os.makedirs(store.run_dir(name))
-    ids, uris = zip(*pairs)
-    table = pa.Table.from_arrays([pa.array(ids), pa.array(uris), pa.nulls(len(ids), pa.string()),
-                                  pa.FixedSizeListArray.from_arrays(pa.array(np.zeros(len(ids) * DIM, np.float32)),
-                                                                    DIM)], schema=embeddings_schema(DIM, METADATA))
-    pq.write_table(table, os.path.join(store.run_dir(name), "embeddings-00000-of-00001.parquet"), row_group_size=7)
-    store.append(seq, {"kind": "run", "run": name, "update": update, "embedded": len(ids), "errors": 0})
+    commit_run(store, seq, name, update, pairs, np.zeros((len(pairs), DIM)), row_group_size=7)
 
 
 def _update(store: IndexStore, seq: int, name: str, live: list) -> None:
-    os.makedirs(store.update_dir(name))
-    ids, uris = zip(*live)
-    pq.write_table(pa.table({"id": ids, "uri": uris}, schema=PAIRS_SCHEMA),
-                   os.path.join(store.update_dir(name), "live-00000-of-00001.parquet"), row_group_size=7)
-    store.append(seq, {"kind": "update", "update": name})
+    commit_update(store, seq, name, live, row_group_size=7)
 
 
 @pytest.fixture
@@ -41,7 +28,7 @@ def three_nights(tmp_path) -> IndexStore:
     """Night 1 embeds a0-a49; night 2 changes a0-a9, removes a40-a49, adds b0-b9 and c0-c4 (which fail);
     night 3 began, embedded d0-d2 and did not finish."""
     store = IndexStore(str(tmp_path / "index"))
-    store.create_identity(METADATA)
+    store.create_identity(synthetic_metadata(DIM))
     first = [(f"a{i}", f"gs://b/a{i}-v0.jpg") for i in range(50)]
     _run(store, 1, "n1-00001", "n1", first)
     _update(store, 2, "n1", first)

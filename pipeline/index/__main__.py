@@ -1,9 +1,10 @@
-"""python -m pipeline.index create|update|status|snapshot: an index of one model that a scheduler keeps current.
+"""python -m pipeline.index create|update|status|snapshot|publish: an index of one model, kept current nightly.
 
     create   --index ROOT [--model M] [--model_handle H] [preprocessing options]     once
     update   --index ROOT --input MANIFEST_FOLDER_OR_GLOB [--run_size N] [--max_removed 0.5] [Beam options]
     status   --index ROOT [--json]
     snapshot --index ROOT --output DIR [--overwrite] [Beam options]
+    publish  --index ROOT --to postgresql://...|lancedb://PATH|FOLDER [--table NAME] [--full]
 
 `update` makes the index match the input with the model and preprocessing `create` recorded, in complete
 runs of at most --run_size inputs; run it again after a crash and it resumes (finished runs are kept).
@@ -29,6 +30,8 @@ from pipeline.index.store import CommitRefused, IndexCorrupt, IndexRefused, Inde
 from pipeline.index.update import DEFAULT_MAX_REMOVED, RemovalLimit, update_index
 from pipeline.index.view import WriteSnapshot, index_status
 from pipeline.models import CUSTOM_MODEL, MODELS
+from pipeline.publish.sync import (DEFAULT_ANN_MIN_ROWS, DEFAULT_TABLE, PublishFailed, PublishRefused, publish as
+                                   publish_view, target_for)
 from pipeline.options import build_parser, config_from_args, parse_known, positive_int, refuse_unknown_args
 from pipeline.outputs import RUN_REPORT, earlier_results, prepare_output_dir, summarize_outputs
 from pipeline.preflight import check_model, metadata_differences, output_metadata
@@ -247,7 +250,41 @@ def snapshot(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"create": create, "update": update, "status": status, "snapshot": snapshot}
+def publish(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.index publish", allow_abbrev=False,
+                                     description="Make a database table equal to the index's current view: write "
+                                     "what changed since the last publish, delete what left.")
+    parser.add_argument("--index", required=True, help=INDEX_HELP)
+    parser.add_argument("--to", required=True, metavar="URL",
+                        help="postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE (pgvector), or a LanceDB database: "
+                        "lancedb://PATH, gs://BUCKET/PATH or a local folder.")
+    parser.add_argument("--table", default=DEFAULT_TABLE, help="Table name (default: %(default)s); PostgreSQL "
+                        "takes schema.name.")
+    parser.add_argument("--full", action="store_true", help="Rewrite the table from the whole view (after it was "
+                        "changed by something else); readers keep the old rows until it commits.")
+    parser.add_argument("--ann_min_rows", type=positive_int, default=DEFAULT_ANN_MIN_ROWS, metavar="N",
+                        help="LanceDB: build the IVF-PQ index once the table holds N rows (default: %(default)s); "
+                        "PostgreSQL gets its HNSW index at the first publish.")
+    args = parser.parse_args(argv)
+    configure_logging(False)
+    target = target_for(args.to, args.table, args.ann_min_rows)
+    try:
+        done = publish_view(_store(args.index), target, full=args.full)
+    finally:
+        target.close()
+    state = done.state
+    if done.unchanged:
+        print(f"{done.target} already holds the view of {args.index} after log entry {state.seq} "
+              f"({plural(state.rows, 'row')}); nothing to write.")
+    else:
+        print(f"Published {args.index} to {done.target}: {done.upserted} written, {done.removed} removed; "
+              f"{plural(state.rows, 'row')}, the view after log entry {state.seq}.")
+    if done.ann_index:
+        print(f"  {done.ann_index}.")
+    return 0
+
+
+COMMANDS = {"create": create, "update": update, "status": status, "snapshot": snapshot, "publish": publish}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -257,10 +294,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (*PREFLIGHT_ERRORS, IndexRefused, LeaseBusy, UnsupportedStore) as exc:
+    except (*PREFLIGHT_ERRORS, IndexRefused, LeaseBusy, UnsupportedStore, PublishRefused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (StoreError, IndexCorrupt, LeaseLost, CommitRefused) as exc:
+    except (StoreError, IndexCorrupt, LeaseLost, CommitRefused, PublishFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -49,12 +49,17 @@ VECTOR_SCHEMA = pa.schema([("id", pa.string()), ("uri", pa.string()), ("seq", pa
                            ("row", pa.int64())])
 
 
-def _joined(store: IndexStore, entries: Sequence[LogEntry], files: Sequence[tuple]) -> Buckets:
-    """The last update's live (id, uri) and the (id, uri, seq, file, row) of every row of `files`, bucketed by id."""
-    last = store.latest_update(entries)
-    live = store.live_files(last) if last else []
-    buckets = Buckets(total_rows(live) + total_rows([path for _, path in files]))
-    buckets.add("live", (t for path in live for t in read_pairs(path, {})), LIVE_SCHEMA)
+def _joined(store: IndexStore, entries: Sequence[LogEntry], files: Sequence[tuple],
+            earlier: Sequence[int] = ()) -> Buckets:
+    """The last update's live (id, uri) and the (id, uri, seq, file, row) of every row of `files`, bucketed by id;
+    for each log length `n` of `earlier`, side `live@n` is the live (id, uri) of the last update among the first
+    n entries (the view as it was then)."""
+    lives = {"live": store.latest_update(entries)}
+    lives.update({f"live@{n}": store.latest_update(entries[:n]) for n in earlier})
+    paths = {side: store.live_files(update) if update else [] for side, update in lives.items()}
+    buckets = Buckets(sum(map(total_rows, paths.values())) + total_rows([path for _, path in files]))
+    for side, live in paths.items():
+        buckets.add(side, (t for path in live for t in read_pairs(path, {})), LIVE_SCHEMA)
     buckets.add("vectors", (t for number, (seq, path) in enumerate(files)
                             for t in read_pairs(path, {"seq": seq, "file": number})), VECTOR_SCHEMA)
     return buckets
@@ -65,29 +70,58 @@ def _distinct_pairs(table: pa.Table) -> pa.Table:
 
 
 def latest_rows(live: pa.Table, vectors: pa.Table) -> pa.Table:
-    """(file, row) of the latest vector (highest seq) of each live (id, uri) among `vectors` (VECTOR_SCHEMA)."""
+    """(id, file, row) of the latest vector (highest seq) of each live (id, uri) among `vectors` (VECTOR_SCHEMA)."""
     latest = vectors.group_by(["id", "uri"]).aggregate([("seq", "max")]).rename_columns(["id", "uri", "seq"])
     return live.join(latest, ["id", "uri"], join_type="inner").join(
-        vectors, ["id", "uri", "seq"], join_type="inner").select(["file", "row"])
+        vectors, ["id", "uri", "seq"], join_type="inner").select(["id", "file", "row"])
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewChanges:
+    """How the current view differs from earlier views of the same index (see `changes_since`)."""
+
+    files: list  # (seq, path) of every committed embeddings file, oldest run first
+    entered: list  # per file, a mask of its rows in the view now and not in every earlier view
+    entered_count: int
+    removed: pa.Array  # ids in an earlier view and not in the view now
+    count: int  # rows in the view now
+
+
+def changes_since(store: IndexStore, entries: Sequence[LogEntry], earlier: Sequence[int] = ()) -> ViewChanges:
+    """The current view against the views after the first n log entries, for each n of `earlier` (none: every
+    row of the view entered). A copy that may hold any mix of those views becomes the current view by writing
+    the rows that entered and deleting the removed ids. Computed bucket by bucket, no id list held whole."""
+    import pyarrow.compute as pc
+
+    files = vector_files(store, entries)
+    masks = [np.zeros(parquet_rows(path), bool) for _, path in files]
+    entered, count, removed = 0, 0, []
+    with _joined(store, entries, files, earlier) as buckets:
+        for bucket in buckets:
+            vectors = bucket["vectors"]
+            now = latest_rows(bucket["live"], vectors)
+            count += now.num_rows
+            differing = [now] if not earlier else []
+            for n in earlier:
+                then = latest_rows(bucket[f"live@{n}"], vectors.filter(pc.less_equal(vectors.column("seq"), n)))
+                differing.append(now.join(then, ["id", "file", "row"], join_type="left anti"))
+                removed.append(then.select(["id"]).join(now.select(["id"]), "id", join_type="left anti"))
+            rows = pa.concat_tables(differing).group_by(["file", "row"]).aggregate([])
+            numbers, row_numbers = rows.column("file").to_numpy(), rows.column("row").to_numpy()
+            for number in np.unique(numbers):
+                masks[number][row_numbers[numbers == number]] = True
+            entered += rows.num_rows
+    gone = pc.unique(pa.concat_tables(removed).column("id")) if removed else pa.array([], pa.string())
+    return ViewChanges(files, masks, entered, gone, count)
 
 
 def current_selection(store: IndexStore, entries: Sequence[LogEntry]) -> tuple[list, list, int]:
     """The current view as ((seq, path) of each committed embeddings file, a mask of its rows in the view, rows).
 
-    Each live (id, uri) keeps the row of its latest vector; computed bucket by bucket, so that no id list is
-    held whole.
+    Each live (id, uri) keeps the row of its latest vector.
     """
-    files = vector_files(store, entries)
-    masks = [np.zeros(parquet_rows(path), bool) for _, path in files]
-    count = 0
-    with _joined(store, entries, files) as buckets:
-        for bucket in buckets:
-            rows = latest_rows(bucket["live"], bucket["vectors"])
-            numbers, row_numbers = rows.column("file").to_numpy(), rows.column("row").to_numpy()
-            for number in np.unique(numbers):
-                masks[number][row_numbers[numbers == number]] = True
-            count += rows.num_rows
-    return files, masks, count
+    view = changes_since(store, entries)
+    return view.files, view.entered, view.count
 
 
 def index_status(store: IndexStore, running_update: Optional[str] = None) -> IndexStatus:

@@ -1,0 +1,302 @@
+"""Publishing keeps a PostgreSQL (pgvector) table and a LanceDB table equal to the index's current view: across
+nights, repeats, kill -9 at any point, hand edits and operator mistakes. Real servers: a private PostgreSQL with
+pgvector (pgserver) for the session, LanceDB folders in tmp_path."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+
+from helpers import (REPO, commit_run, commit_update, new_index, read_embeddings, synthetic_metadata, tiles,
+                     write_manifest)
+from pipeline.index.__main__ import main as index_main
+from pipeline.index.store import IndexStore
+from pipeline.index.view import current_selection
+from pipeline.publish.lancedb_table import STATE_KEY
+
+TARGETS = ("postgres", "lancedb")
+
+
+def publish(*args) -> int:
+    return index_main(["publish", *args])
+
+
+def publish_process(root, to, table, *args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "pipeline.index", "publish", "--index", str(root), "--to", to,
+                             "--table", table, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def new_table() -> str:
+    return "t_" + uuid.uuid4().hex[:8]
+
+
+@pytest.fixture
+def lance_dir(tmp_path) -> str:
+    return str(tmp_path / "lancedb")
+
+
+def target_url(kind, postgres, lance_dir) -> str:
+    return postgres if kind == "postgres" else lance_dir
+
+
+# --- reading what a target holds ------------------------------------------------------------------------------
+
+def pg_rows(url, table) -> dict:
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        return {i: (u, s, np.array(v, np.float32)) for i, u, s, v in
+                conn.execute(f"SELECT id, uri, sha256, embedding::real[] FROM {table}").fetchall()}
+
+
+def pg_state(url, table) -> dict:
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        if not conn.execute("SELECT to_regclass('beam_image_embeddings_published')").fetchone()[0]:
+            return None
+        row = conn.execute("SELECT state FROM beam_image_embeddings_published WHERE table_name = %s", [table]).fetchone()
+    return row[0] if row else None
+
+
+def lance_table(folder, table):
+    import lancedb
+
+    return lancedb.connect(folder).open_table(table)
+
+
+def lance_rows(folder, table) -> dict:
+    data = lance_table(folder, table).to_arrow()
+    ids = data.column("id").to_pylist()
+    assert len(ids) == len(set(ids)), "an id twice"
+    vectors = data.column("embedding").combine_chunks().flatten().to_numpy().reshape(len(ids), -1)
+    return {i: (u, s, v) for i, u, s, v in zip(ids, data.column("uri").to_pylist(), data.column("sha256").to_pylist(),
+                                                vectors)}
+
+
+def lance_state(folder, table) -> dict:
+    metadata = lance_table(folder, table).schema.field("embedding").metadata
+    return json.loads(metadata[STATE_KEY.encode()])
+
+
+def held(kind, url, table) -> dict:
+    return pg_rows(url, table) if kind == "postgres" else lance_rows(url, table)
+
+
+def view(root) -> dict:
+    """The index's current view as {id: (uri, sha256, vector)}, read directly from its files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    store = IndexStore(str(root))
+    files, masks, _ = current_selection(store, store.log())
+    rows = {}
+    for (_, path), mask in zip(files, masks):
+        table = pq.read_table(path).filter(pa.array(mask))
+        vectors = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
+        rows.update({i: (u, s, v) for i, u, s, v in zip(table.column("id").to_pylist(), table.column("uri").to_pylist(),
+                                                         table.column("sha256").to_pylist(), vectors)})
+    return rows
+
+
+def assert_equal_rows(found: dict, expected: dict) -> None:
+    assert sorted(found) == sorted(expected)
+    for key, (uri, sha, vector) in expected.items():
+        assert found[key][:2] == (uri, sha), key
+        np.testing.assert_array_equal(found[key][2], vector)
+
+
+# --- a synthetic index: nights written directly in the index's layout (no model run) -------------------------
+
+class Nights:
+    """An index whose nights are committed directly: night(n) makes the view `ids` with fresh vectors for `changed`."""
+
+    def __init__(self, root, dim=16, seed=0, metadata=None):
+        self.store = IndexStore(str(root))
+        self.store.create_identity(metadata or synthetic_metadata(dim))
+        self.dim, self.random, self.seq, self.number = dim, np.random.default_rng(seed), 0, 0
+        self.uris: dict = {}
+
+    def night(self, ids, changed=()) -> None:
+        self.number += 1
+        name = f"night{self.number}"
+        fresh = [i for i in ids if i not in self.uris or i in set(changed)]
+        self.uris.update({i: f"gs://photos/{i}-v{self.number}.jpg" for i in fresh})
+        self.store.append(self.seq + 1, {"kind": "begin", "update": name})
+        self.seq += 1
+        if fresh:
+            commit_run(self.store, self.seq + 1, f"{name}-00001", name, [(i, self.uris[i]) for i in fresh],
+                       self.random.standard_normal((len(fresh), self.dim)))
+            self.seq += 1
+        commit_update(self.store, self.seq + 1, name, [(i, self.uris[i]) for i in ids])
+        self.seq += 1
+
+
+def ids(start, stop, prefix="img"):
+    return [f"{prefix}{i:06d}" for i in range(start, stop)]
+
+
+# --- the specification ----------------------------------------------------------------------------------------
+
+def test_three_nights_published_after_each_leave_both_targets_equal_to_the_snapshot(tmp_path, mobilenet_handle,
+                                                                                   postgres, lance_dir, capsys):
+    images, root, table = tmp_path / "imgs", tmp_path / "index", new_table()
+    paths = tiles(images, 14)
+    broken = images / "broken.png"
+    broken.write_bytes(b"not an image")
+    nights = [
+        [(f"img{i:02d}", paths[i]) for i in range(10)],
+        [(f"img{i:02d}", paths[i + 10] if i < 2 else paths[i]) for i in range(10) if i not in (5, 6)]
+        + [(f"img{i:02d}", paths[i]) for i in (12, 13)],
+        [(f"img{i:02d}", paths[i + 10] if i < 2 else paths[i]) for i in range(10) if i not in (5, 6, 7)]
+        + [(f"img{i:02d}", paths[i]) for i in (12, 13)] + [("img07", str(broken))],
+    ]
+    new_index(root, mobilenet_handle)
+    for night, pairs in enumerate(nights, start=1):
+        assert index_main(["update", "--index", str(root), "--input", write_manifest(tmp_path / f"n{night}.csv", pairs),
+                           "--direct_running_mode=in_memory", "--progress_interval=0"]) == 0
+        assert index_main(["snapshot", "--index", str(root), "--output", str(tmp_path / f"snap{night}")]) == 0
+        snap = read_embeddings(str(tmp_path / f"snap{night}"))
+        vectors = snap.column("embedding").combine_chunks().flatten().to_numpy().reshape(snap.num_rows, -1)
+        expected = {i: (u, s, v) for i, u, s, v in zip(snap.column("id").to_pylist(), snap.column("uri").to_pylist(),
+                                                         snap.column("sha256").to_pylist(), vectors)}
+        for kind in TARGETS:
+            url = target_url(kind, postgres, lance_dir)
+            capsys.readouterr()
+            assert publish("--index", str(root), "--to", url, "--table", table) == 0
+            out = capsys.readouterr().out
+            assert f"Published {root}" in out and f"{len(expected)} rows" in out
+            assert_equal_rows(held(kind, url, table), expected)
+            state = pg_state(url, table) if kind == "postgres" else lance_state(url, table)
+            assert (state["seq"], state["rows"], state["pending"]) == (len(IndexStore(str(root)).log()),
+                                                                       len(expected), None)
+            version = lance_table(url, table).version if kind == "lancedb" else pg_state(url, table)
+            assert publish("--index", str(root), "--to", url, "--table", table) == 0
+            assert "nothing to write" in capsys.readouterr().out
+            assert version == (lance_table(url, table).version if kind == "lancedb" else pg_state(url, table))
+        assert len(expected) == {1: 10, 2: 10, 3: 9}[night]  # night 3: img07 left the view (its new uri failed)
+    out = capsys.readouterr().out
+    import psycopg
+
+    with psycopg.connect(postgres) as conn:
+        assert conn.execute("SELECT indexdef FROM pg_indexes WHERE tablename = %s AND indexdef LIKE '%%hnsw%%'",
+                            [table]).fetchone()
+        comment = conn.execute("SELECT obj_description(%s::regclass)", [table]).fetchone()[0]
+    assert "mobilenet_v2_130_224" in comment and "sha256:" in comment
+    assert "written" not in out
+
+
+def test_only_what_changed_is_written_and_removed_ids_are_deleted(tmp_path, postgres, lance_dir, capsys):
+    nights = Nights(tmp_path / "index")
+    nights.night(ids(0, 100))
+    table = new_table()
+    for kind in TARGETS:
+        assert publish("--index", str(nights.store.root), "--to", target_url(kind, postgres, lance_dir),
+                       "--table", table) == 0
+    nights.night(ids(10, 105), changed=ids(20, 23))
+    capsys.readouterr()
+    for kind in TARGETS:
+        url = target_url(kind, postgres, lance_dir)
+        assert publish("--index", str(nights.store.root), "--to", url, "--table", table) == 0
+        assert "8 written, 10 removed; 95 rows" in capsys.readouterr().out
+        assert_equal_rows(held(kind, url, table), view(nights.store.root))
+
+
+@pytest.mark.parametrize("kind", TARGETS)
+def test_a_publish_killed_at_any_point_and_run_again_ends_equal_to_the_view(tmp_path, postgres, lance_dir, kind):
+    nights = Nights(tmp_path / "index", dim=32)
+    nights.night(ids(0, 10_000))
+    url, table, root = target_url(kind, postgres, lance_dir), new_table(), nights.store.root
+    if kind == "postgres":
+        # Night 1 killed while COPYing (nothing committed), then while building the HNSW index (rows committed).
+        for activity in ("COPY publish_rows", "CREATE INDEX"):
+            killed = kill_when(publish_process(root, url, table), lambda: pg_active(url, activity))
+            assert killed, f"the publish finished before it was seen in {activity}"
+            found = pg_state(url, table)
+            assert found is None if activity.startswith("COPY") else found["rows"] == 10_000
+    else:
+        assert publish("--index", root, "--to", url, "--table", table) == 0
+    nights.night(ids(1_000, 11_000), changed=ids(4_000, 10_000))  # 7,000 rows to write, 1,000 to delete
+    # Night 2 killed while COPYing (PostgreSQL, one transaction); LanceDB: after its first commit (the pending
+    # state), then after its second (the upserts, before the deletes).
+    for step in (1, 2):
+        progress = (lambda: pg_active(url, "COPY publish_rows")) if kind == "postgres" else \
+            lance_commits_after(url, table, step)
+        assert kill_when(publish_process(root, url, table), progress), f"step {step}: finished before the kill"
+        found = held(kind, url, table)  # every id once, whatever the step (lance_rows checks)
+        assert set(found) <= set(ids(0, 11_000))
+        if kind == "lancedb":
+            assert lance_state(url, table)["pending"] == nights.seq
+    # Night 3 comes before the next publish and drops ids that only night 2 (half published) had.
+    nights.night(ids(1_000, 10_500))
+    assert publish("--index", root, "--to", url, "--table", table) == 0
+    assert_equal_rows(held(kind, url, table), view(root))
+    if kind == "postgres":
+        import psycopg
+
+        with psycopg.connect(url) as conn:
+            assert conn.execute("SELECT count(*) FROM pg_indexes WHERE tablename = %s AND indexdef LIKE '%%hnsw%%'",
+                                [table]).fetchone()[0] == 1
+
+
+def pg_active(url, prefix) -> bool:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        return bool(conn.execute("SELECT 1 FROM pg_stat_activity WHERE state = 'active' AND query LIKE %s AND pid <> "
+                                 "pg_backend_pid()", [prefix + "%"]).fetchone())
+
+
+def lance_commits_after(folder, table, count):
+    """A progress check: `count` more versions of the table than when it was made."""
+    versions = os.path.join(folder, f"{table}.lance", "_versions")
+    start = len(os.listdir(versions))
+    return lambda: len(os.listdir(versions)) >= start + count
+
+
+def kill_when(process: subprocess.Popen, seen, timeout_s: float = 120) -> bool:
+    """kill -9 `process` as soon as `seen()`; True when it was still running then."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        while process.poll() is None and time.monotonic() < deadline:
+            if seen():
+                process.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+        return process.wait(timeout=60) == -signal.SIGKILL
+    finally:
+        process.stdout.close()
+
+
+def test_nearest_neighbours_in_sql_and_lancedb_are_the_hits_of_pipeline_search(tmp_path, postgres, lance_dir, capsys):
+    import psycopg
+
+    from pipeline.search.__main__ import main as search_main
+
+    nights = Nights(tmp_path / "index", dim=32, seed=3)
+    nights.night(ids(0, 300))
+    root, table = nights.store.root, new_table()
+    for kind in TARGETS:
+        assert publish("--index", root, "--to", target_url(kind, postgres, lance_dir), "--table", table) == 0
+    assert search_main(["build", "--index", root, "--output", str(tmp_path / "search"), "--kind", "exact"]) == 0
+    queries = ids(0, 300)[::37]
+    assert search_main(["query", "--index", str(tmp_path / "search"), "--id", *queries, "-k", "10",
+                        "--output", str(tmp_path / "hits.json")]) == 0
+    hits = json.loads((tmp_path / "hits.json").read_text())
+    with psycopg.connect(postgres) as conn:
+        for query in queries:
+            expected = [h["id"] for h in hits if h["query"] == query]
+            sql = [r[0] for r in conn.execute(
+                f"SELECT id FROM {table} ORDER BY embedding <=> (SELECT embedding FROM {table} WHERE id = %s) LIMIT 10",
+                [query]).fetchall()]
+            assert sql == expected
+            lance = lance_table(lance_dir, table)
+            own = lance.search().where(f"id = '{query}'").limit(1).to_arrow().column("embedding")[0].as_py()
+            found = lance.search(own, vector_column_name="embedding").distance_type("cosine").limit(10).to_arrow()
+            assert found.column("id").to_pylist() == expected
