@@ -60,16 +60,18 @@ def synthetic_metadata(dim: int) -> dict:
 
 
 def commit_run(store, seq, name, update, pairs, vectors, row_group_size=None) -> None:
-    """Writes runs/NAME/embeddings-*.parquet of (id, uri) `pairs` and `vectors`, and commits it as log entry `seq`."""
+    """Writes runs/NAME/embeddings-*.parquet of (id, uri) `pairs` and `vectors` with the metadata of the index's
+    index.json, and commits it as log entry `seq`."""
     from transforms.sink import embeddings_schema
 
     os.makedirs(store.run_dir(name))
     ids, uris = zip(*pairs)
     dim = vectors.shape[1]
+    metadata = {k: str(v) for k, v in store.identity().items() if k not in ("format", "index_id", "created_at")}
     table = pa.Table.from_arrays(
         [pa.array(ids), pa.array(uris), pa.array([f"sha-{u}" for u in uris]),
          pa.FixedSizeListArray.from_arrays(pa.array(vectors.astype(np.float32).reshape(-1)), dim)],
-        schema=embeddings_schema(dim, synthetic_metadata(dim)))
+        schema=embeddings_schema(dim, metadata))
     pq.write_table(table, os.path.join(store.run_dir(name), "embeddings-00000-of-00001.parquet"),
                    row_group_size=row_group_size)
     store.append(seq, {"kind": "run", "run": name, "update": update, "embedded": len(ids), "errors": 0})

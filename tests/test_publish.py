@@ -300,3 +300,102 @@ def test_nearest_neighbours_in_sql_and_lancedb_are_the_hits_of_pipeline_search(t
             own = lance.search().where(f"id = '{query}'").limit(1).to_arrow().column("embedding")[0].as_py()
             found = lance.search(own, vector_column_name="embedding").distance_type("cosine").limit(10).to_arrow()
             assert found.column("id").to_pylist() == expected
+
+
+@pytest.mark.parametrize("kind", TARGETS)
+def test_another_models_vectors_or_another_index_are_refused_and_the_table_is_left_alone(tmp_path, postgres,
+                                                                                        lance_dir, kind, capsys):
+    url, table = target_url(kind, postgres, lance_dir), new_table()
+    first = Nights(tmp_path / "first")
+    first.night(ids(0, 50))
+    assert publish("--index", first.store.root, "--to", url, "--table", table) == 0
+    other_model = Nights(tmp_path / "other-model", metadata={**synthetic_metadata(16), "fingerprint": "sha256:y"})
+    other_model.night(ids(0, 60))
+    same_model = Nights(tmp_path / "same-model", seed=1)
+    same_model.night(ids(0, 60))
+    capsys.readouterr()
+    assert publish("--index", other_model.store.root, "--to", url, "--table", table) == 2
+    assert "holds vectors of another model or preprocessing (fingerprint: 'sha256:x' then, 'sha256:y' now)" in \
+        capsys.readouterr().err
+    assert publish("--index", same_model.store.root, "--to", url, "--table", table) == 2
+    assert "holds the view of another index of the same model" in capsys.readouterr().err
+    assert_equal_rows(held(kind, url, table), view(first.store.root))
+
+
+@pytest.mark.parametrize("kind", TARGETS)
+def test_a_table_changed_by_hand_is_refused_until_rewritten_with_full(tmp_path, postgres, lance_dir, kind, capsys):
+    url, table = target_url(kind, postgres, lance_dir), new_table()
+    nights = Nights(tmp_path / "index")
+    nights.night(ids(0, 50))
+    assert publish("--index", nights.store.root, "--to", url, "--table", table) == 0
+    if kind == "postgres":
+        import psycopg
+
+        with psycopg.connect(url) as conn:
+            conn.execute(f"DELETE FROM {table} WHERE id IN ('img000003', 'img000004')")
+    else:
+        lance_table(url, table).delete("id IN ('img000003', 'img000004')")
+    nights.night(ids(0, 55), changed=ids(0, 5))
+    capsys.readouterr()
+    assert publish("--index", nights.store.root, "--to", url, "--table", table) == 2
+    assert "holds 48 rows, but the last publish left 50: it was changed by something else. Nothing was changed; " \
+           "run again with --full" in capsys.readouterr().err
+    assert len(held(kind, url, table)) == 48
+    assert publish("--index", nights.store.root, "--to", url, "--table", table, "--full") == 0
+    assert "55 written, 0 removed; 55 rows" in capsys.readouterr().out
+    assert_equal_rows(held(kind, url, table), view(nights.store.root))
+
+
+def test_a_table_publish_did_not_write_is_refused(tmp_path, postgres, lance_dir, capsys):
+    import lancedb
+    import psycopg
+    import pyarrow as pa
+
+    nights = Nights(tmp_path / "index")
+    nights.night(ids(0, 5))
+    table = new_table()
+    with psycopg.connect(postgres) as conn:
+        conn.execute(f"CREATE TABLE {table} (id int)")
+    lancedb.connect(lance_dir).create_table(table, data=pa.table({"id": [1]}))
+    for url in (postgres, lance_dir):
+        assert publish("--index", nights.store.root, "--to", url, "--table", table) == 2
+        assert f"table {table} exists and was not written by publish" in capsys.readouterr().err
+
+
+def test_mistaken_commands_say_what_to_do(tmp_path, postgres, capsys):
+    nights = Nights(tmp_path / "index")
+    root = nights.store.root
+    assert publish("--index", root, "--to", str(tmp_path / "lancedb")) == 2
+    assert "has no finished update yet" in capsys.readouterr().err
+    nights.night(ids(0, 5))
+    assert publish("--index", root, "--to", "mysql://db/x") == 2
+    assert "publish writes to postgresql://USER@HOST/DATABASE or to a LanceDB folder" in capsys.readouterr().err
+    assert publish("--index", root, "--to", "postgresql://me:secret@127.0.0.1:1/db") == 1
+    err = capsys.readouterr().err
+    assert "Cannot connect to postgresql://me:***@127.0.0.1:1/db" in err and "secret" not in err
+    assert publish("--index", root, "--to", postgres, "--table", "x; drop table y") == 2
+    assert "--table 'x; drop table y': use a plain name or schema.name" in capsys.readouterr().err
+    assert publish("--index", str(tmp_path / "nothing"), "--to", str(tmp_path / "lancedb")) == 2
+    assert "is not an index" in capsys.readouterr().err
+
+
+def test_lancedb_indexes_its_vectors_from_ann_min_rows_on_and_finds_rows_added_later(tmp_path, lance_dir, capsys):
+    nights = Nights(tmp_path / "index", dim=32)
+    table = new_table()
+
+    def night_and_publish(count):
+        nights.night(ids(0, count))
+        capsys.readouterr()
+        assert publish("--index", nights.store.root, "--to", lance_dir, "--table", table, "--ann_min_rows", "500") == 0
+        return capsys.readouterr().out
+
+    assert "no ANN index below --ann_min_rows 500 rows (400 now): queries scan the table" in night_and_publish(400)
+    assert not lance_table(lance_dir, table).list_indices()
+    assert "ANN index (IVF-PQ, cosine) built in" in night_and_publish(700)
+    assert "ANN index updated with the new rows in" in night_and_publish(750)
+    lance = lance_table(lance_dir, table)
+    stats = lance.index_stats(lance.list_indices()[0].name)
+    assert (stats.num_indexed_rows, stats.num_unindexed_rows, stats.distance_type) == (750, 0, "cosine")
+    newest = view(nights.store.root)["img000740"][2]
+    found = lance.search(newest, vector_column_name="embedding").distance_type("cosine").limit(1).to_arrow()
+    assert found.column("id").to_pylist() == ["img000740"]

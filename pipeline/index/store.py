@@ -1,6 +1,7 @@
 """An index's files: plain Parquet runs plus a write-once commit log, on a local folder or gs://.
 
-    ROOT/index.json                 the model and preprocessing every vector of the index is made with (`create`)
+    ROOT/index.json                 the model and preprocessing every vector of the index is made with, and a
+                                    random index_id that copies of the index keep (`create`)
     ROOT/log/000000001.json ...     the commit log, entries numbered 1, 2, 3, ... without gaps, each created once
                                     by a conditional create (objects.py), so two writers never both commit N:
                                     {"kind": "begin", "update": NAME}: an update started (and fenced off any
@@ -87,7 +88,7 @@ class IndexStore:
         return None if found is None else _parse(found.data, self.path(IDENTITY))
 
     def create_identity(self, metadata: dict) -> dict:
-        identity = {"format": FORMAT_VERSION, "created_at": now_iso(), **metadata}
+        identity = {"format": FORMAT_VERSION, "index_id": uuid.uuid4().hex, "created_at": now_iso(), **metadata}
         try:
             self.objects.create(self.path(IDENTITY), json.dumps(identity, indent=2).encode())
         except Conflict:

@@ -206,7 +206,7 @@ def view_metadata(store: IndexStore, entries: Sequence[LogEntry]) -> dict[str, s
     runs = store.committed_runs(entries)
     files = store.run_files(runs[-1]) if runs else []
     if not files:
-        return {k: str(v) for k, v in store.identity().items() if k not in ("format", "created_at")}
+        return {k: str(v) for k, v in store.identity().items() if k not in ("format", "index_id", "created_at")}
     with FileSystems.open(files[0], compression_type=CompressionTypes.UNCOMPRESSED) as f:
         metadata = pq.ParquetFile(f).schema_arrow.metadata or {}
     return {k.decode()[len(METADATA_PREFIX):]: v.decode() for k, v in metadata.items()

@@ -85,8 +85,9 @@ class Published:
 
 
 def index_key(identity: dict) -> str:
-    """An index's identity: a digest of its index.json, which a copy of the index (another bucket) keeps."""
-    return "index:" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    """An index's identity, which a copy of the index (in another bucket) keeps: the index_id of its index.json
+    (a digest of index.json for indexes made before it had one)."""
+    return identity.get("index_id") or hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 def _entered_rows(changes: ViewChanges, metadata: dict) -> Iterator[Batch]:
@@ -108,13 +109,13 @@ def publish(store: IndexStore, target: Target, full: bool = False) -> Published:
     key = index_key(identity)
     before = target.state()
     if before is not None:
-        if before.index != key:
-            raise PublishRefused(f"{target.described} holds the view of another index (published at "
-                                 f"{before.published_at}); publish {store.root} to another --table.")
         differences = metadata_differences(before.metadata, metadata)
         if differences:
             raise PublishRefused(f"{target.described} holds vectors of another model or preprocessing "
                                  f"({'; '.join(differences)}); publish to another --table.")
+        if before.index != key:
+            raise PublishRefused(f"{target.described} holds the view of another index of the same model (published "
+                                 f"at {before.published_at}); publish {store.root} to another --table.")
         if not full and before.pending is None:
             found = target.rows()
             if found != before.rows:
