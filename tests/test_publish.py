@@ -215,7 +215,7 @@ def test_a_publish_killed_at_any_point_and_run_again_ends_equal_to_the_view(tmp_
     url, table, root = target_url(kind, postgres, lance_dir), new_table(), nights.store.root
     if kind == "postgres":
         # Night 1 killed while COPYing (nothing committed), then while building the HNSW index (rows committed).
-        for activity in ("COPY publish_rows", "CREATE INDEX"):
+        for activity in (f'COPY "{table}"', "CREATE INDEX"):
             killed = kill_when(publish_process(root, url, table), lambda: pg_active(url, activity))
             assert killed, f"the publish finished before it was seen in {activity}"
             found = pg_state(url, table)
@@ -226,7 +226,7 @@ def test_a_publish_killed_at_any_point_and_run_again_ends_equal_to_the_view(tmp_
     # Night 2 killed while COPYing (PostgreSQL, one transaction); LanceDB: after its first commit (the pending
     # state), then after its second (the upserts, before the deletes).
     for step in (1, 2):
-        progress = (lambda: pg_active(url, "COPY publish_rows")) if kind == "postgres" else \
+        progress = (lambda: pg_active(url, 'COPY "publish_rows"')) if kind == "postgres" else \
             lance_commits_after(url, table, step)
         assert kill_when(publish_process(root, url, table), progress), f"step {step}: finished before the kill"
         found = held(kind, url, table)  # every id once, whatever the step (lance_rows checks)
@@ -292,10 +292,11 @@ def test_nearest_neighbours_in_sql_and_lancedb_are_the_hits_of_pipeline_search(t
     with psycopg.connect(postgres) as conn:
         for query in queries:
             expected = [h["id"] for h in hits if h["query"] == query]
-            sql = [r[0] for r in conn.execute(
-                f"SELECT id FROM {table} ORDER BY embedding <=> (SELECT embedding FROM {table} WHERE id = %s) LIMIT 10",
-                [query]).fetchall()]
-            assert sql == expected
+            nearest = f"SELECT id FROM {table} ORDER BY embedding <=> (SELECT embedding FROM {table} WHERE id = %s) " \
+                      f"LIMIT 10"
+            assert f"Index Scan using {table}_embedding_hnsw" in str(conn.execute("EXPLAIN " + nearest, [query])
+                                                                     .fetchall())
+            assert [r[0] for r in conn.execute(nearest, [query]).fetchall()] == expected
             lance = lance_table(lance_dir, table)
             own = lance.search().where(f"id = '{query}'").limit(1).to_arrow().column("embedding")[0].as_py()
             found = lance.search(own, vector_column_name="embedding").distance_type("cosine").limit(10).to_arrow()
@@ -375,6 +376,8 @@ def test_mistaken_commands_say_what_to_do(tmp_path, postgres, capsys):
     assert "Cannot connect to postgresql://me:***@127.0.0.1:1/db" in err and "secret" not in err
     assert publish("--index", root, "--to", postgres, "--table", "x; drop table y") == 2
     assert "--table 'x; drop table y': use a plain name or schema.name" in capsys.readouterr().err
+    assert publish("--index", root, "--to", f"lancedb://{root}/") == 2
+    assert "is the index itself" in capsys.readouterr().err
     assert publish("--index", str(tmp_path / "nothing"), "--to", str(tmp_path / "lancedb")) == 2
     assert "is not an index" in capsys.readouterr().err
 

@@ -267,6 +267,8 @@ def publish(argv: Sequence[str]) -> int:
                         "PostgreSQL gets its HNSW index at the first publish.")
     args = parser.parse_args(argv)
     configure_logging(False)
+    if args.to.removeprefix("lancedb://").rstrip("/") == args.index.rstrip("/"):
+        raise IndexRefused(f"--to {args.to} is the index itself; publish to a LanceDB folder of its own.")
     target = target_for(args.to, args.table, args.ann_min_rows)
     try:
         done = publish_view(_store(args.index), target, full=args.full)

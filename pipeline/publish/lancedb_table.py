@@ -12,7 +12,9 @@ vectors itself once the table reaches --ann_min_rows (IVF-PQ, cosine); later pub
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import time
 from typing import Iterator, Optional
 
@@ -24,6 +26,7 @@ from pipeline.search.collection import Batch
 STATE_KEY = "beam_image_embeddings.published"
 MERGE_ROWS = 16384  # rows per merge_insert commit: bounds the memory of an upsert of millions of rows
 DELETE_IDS = 4096  # ids per delete predicate
+TABLE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")  # what LanceDB accepts
 
 
 def table_schema(dim: int, state: PublishState) -> pa.Schema:
@@ -60,21 +63,39 @@ def sub_vectors(dim: int) -> int:
     return next(dim // width for width in (16, 8, 4, 2, 1) if dim % width == 0)
 
 
+def _failures_reported(method):
+    """LanceDB's I/O and commit errors as PublishFailed: what was committed stays, and the next publish goes on."""
+    @functools.wraps(method)
+    def reported(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except PublishFailed:
+            raise
+        except (OSError, RuntimeError) as exc:
+            raise PublishFailed(f"{self.described}: {exc}. Run publish again; it continues from what was "
+                                f"committed.") from None
+    return reported
+
+
 class LanceTable:
     def __init__(self, uri: str, table: str, ann_min_rows: int):
         os.environ.setdefault("LANCEDB_LOG", "error")  # not a warning on stderr for every table it creates
         import lancedb
 
+        if not TABLE_NAME.match(table):
+            raise PublishRefused(f"--table {table!r}: LanceDB table names are letters, digits, _, - and .")
         self.described = f"LanceDB {uri} table {table}"
         self._name = table
         self._ann_min_rows = ann_min_rows
         try:
             self._db = lancedb.connect(uri)
         except Exception as exc:
-            raise PublishFailed(f"Cannot open the LanceDB database {uri}: {exc}") from None
+            raise PublishFailed(f"Cannot open the LanceDB database {uri} (on gs://, LanceDB uses "
+                                f"GOOGLE_APPLICATION_CREDENTIALS or the metadata server's account): {exc}") from None
 
     def close(self) -> None:
         pass
+
 
     def _open(self):
         try:
@@ -82,6 +103,7 @@ class LanceTable:
         except ValueError:  # "Table '...' was not found"
             return None
 
+    @_failures_reported
     def state(self) -> Optional[PublishState]:
         table = self._open()
         if table is None:
@@ -94,12 +116,14 @@ class LanceTable:
                                  f"on its embedding column); publish to another --table.")
         return PublishState.from_json(recorded.decode(), self.described)
 
+    @_failures_reported
     def rows(self) -> int:
         return self._open().count_rows()
 
     def _record(self, table, state: PublishState) -> None:
         table.update_field_metadata({"path": "embedding", "metadata": {STATE_KEY: state.to_json()}})
 
+    @_failures_reported
     def write(self, batches: Iterator[Batch], removed: pa.Array, dim: int, before: Optional[PublishState],
               after: PublishState, replace: bool) -> None:
         schema = table_schema(dim, after)
@@ -122,6 +146,7 @@ class LanceTable:
                                  f"rewrite it from the index.")
         self._record(table, after)
 
+    @_failures_reported
     def ensure_ann_index(self, rows_written: bool) -> Optional[str]:
         table = self._open()
         if any("embedding" in index.columns for index in table.list_indices()):

@@ -3,10 +3,11 @@
     TABLE (id text PRIMARY KEY, uri text NOT NULL, sha256 text, embedding vector(DIM) NOT NULL)
     beam_image_embeddings_published (table_name text PRIMARY KEY, state jsonb NOT NULL)   what each table holds
 
-The rows that entered the view are COPYed (binary) into a temporary table, then upserted; removed ids are
-deleted, the row count is checked against the view and the state recorded, all in one transaction: readers
-see the old view or the new one, and a publish killed at any point changes nothing. An advisory lock per table
-serialises publishers, and the state read before the diff must still be the state at commit.
+The rows that entered the view are COPYed (binary) into a temporary table, then upserted (the first publish
+COPYs straight into the new table); removed ids are deleted, the row count is checked against the view and
+the state recorded, all in one transaction: readers see the old view or the new one, and a publish killed at
+any point changes nothing. An advisory lock per table serialises publishers, and the state read before the
+diff must still be the state at commit.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from pipeline.publish.sync import PublishFailed, PublishRefused, PublishState
 from pipeline.search.collection import Batch
 
 STATE_TABLE = "beam_image_embeddings_published"
-TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,50}(\.[A-Za-z_][A-Za-z0-9_]{0,50})?$")
+# Lower case: PostgreSQL folds unquoted names, so the name people type in queries is the name of the table.
+TABLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,50}(\.[a-z_][a-z0-9_]{0,50})?$")
 # pgvector's HNSW and IVFFlat index `vector` columns of at most this many dimensions.
 MAX_INDEXED_DIM = 2000
 
@@ -45,12 +47,12 @@ class PostgresTable:
         from psycopg import sql
 
         if not TABLE_NAME.match(table):
-            raise PublishRefused(f"--table {table!r}: use a plain name or schema.name (letters, digits, _).")
+            raise PublishRefused(f"--table {table!r}: use a plain name or schema.name (lower-case letters, digits, _).")
         self.described = f"{_masked(url)} table {table}"
         self._key = table
         self._table = sql.Identifier(*table.split("."))
-        self._index = sql.Identifier(*table.split(".")[:-1], table.split(".")[-1] + "_embedding_hnsw")
-        self._index_name = table.split(".")[-1] + "_embedding_hnsw"
+        self._index_name = table.split(".")[-1] + "_embedding_hnsw"  # made in the table's schema
+        self._index = sql.Identifier(self._index_name)
         try:
             self._conn = psycopg.connect(url, connect_timeout=30, autocommit=True)  # transactions are explicit
         except psycopg.Error as exc:
@@ -110,15 +112,19 @@ class PostgresTable:
                     raise PublishFailed(f"Another publish changed {self.described} while this one prepared; "
                                         f"nothing was changed by this one. Run it again.")
                 self._run("CREATE TABLE IF NOT EXISTS {state} (table_name text PRIMARY KEY, state jsonb NOT NULL)")
-                if not exists:
+                if not exists:  # a new table takes the rows directly
                     self._run("CREATE TABLE {table} (id text PRIMARY KEY, uri text NOT NULL, sha256 text, "
                               "embedding vector({dim}) NOT NULL)", dim=sql.Literal(int(dim)))
-                self._copy_rows(batches)
-                if replace:
-                    self._run("DELETE FROM {table} t WHERE NOT EXISTS (SELECT 1 FROM publish_rows r WHERE r.id = t.id)")
-                self._run("INSERT INTO {table} (id, uri, sha256, embedding) SELECT id, uri, sha256, embedding FROM "
-                          "publish_rows ON CONFLICT (id) DO UPDATE SET uri = EXCLUDED.uri, sha256 = EXCLUDED.sha256, "
-                          "embedding = EXCLUDED.embedding")
+                    self._copy_rows(batches, self._table)
+                else:
+                    self._run("CREATE TEMPORARY TABLE publish_rows (LIKE {table}) ON COMMIT DROP")
+                    self._copy_rows(batches, sql.Identifier("publish_rows"))
+                    if replace:
+                        self._run("DELETE FROM {table} t WHERE NOT EXISTS (SELECT 1 FROM publish_rows r WHERE "
+                                  "r.id = t.id)")
+                    self._run("INSERT INTO {table} (id, uri, sha256, embedding) SELECT id, uri, sha256, embedding "
+                              "FROM publish_rows ON CONFLICT (id) DO UPDATE SET uri = EXCLUDED.uri, sha256 = "
+                              "EXCLUDED.sha256, embedding = EXCLUDED.embedding")
                 if len(removed):
                     self._run("DELETE FROM {table} WHERE id = ANY(%s)", [removed.to_pylist()])
                 found = self._run("SELECT count(*) FROM {table}").fetchone()[0]
@@ -134,10 +140,11 @@ class PostgresTable:
         except psycopg.Error as exc:
             raise PublishFailed(f"{self.described}: {str(exc).strip()}; nothing was changed.") from None
 
-    def _copy_rows(self, batches: Iterator[Batch]) -> None:
-        self._run("CREATE TEMPORARY TABLE publish_rows (LIKE {table}) ON COMMIT DROP")
-        with self._conn.cursor().copy("COPY publish_rows (id, uri, sha256, embedding) FROM STDIN (FORMAT BINARY)") \
-                as copy:
+    def _copy_rows(self, batches: Iterator[Batch], into) -> None:
+        from psycopg import sql
+
+        with self._conn.cursor().copy(sql.SQL("COPY {} (id, uri, sha256, embedding) FROM STDIN (FORMAT BINARY)")
+                                      .format(into)) as copy:
             copy.set_types(["text", "text", "text", "bytea"])  # the vector's bytes go as they are (vector_bytes)
             for batch in batches:
                 for row in zip(batch.ids, batch.uris, batch.sha256, vector_bytes(batch.vectors)):
