@@ -402,3 +402,21 @@ def test_lancedb_indexes_its_vectors_from_ann_min_rows_on_and_finds_rows_added_l
     newest = view(nights.store.root)["img000740"][2]
     found = lance.search(newest, vector_column_name="embedding").distance_type("cosine").limit(1).to_arrow()
     assert found.column("id").to_pylist() == ["img000740"]
+
+
+def test_an_index_on_gs_publishes_through_the_object_store(tmp_path, gcs, lance_dir, capsys):
+    from apache_beam.io.filesystems import FileSystems
+
+    nights = Nights(tmp_path / "index")
+    nights.night(ids(0, 40))
+    nights.night(ids(5, 45), changed=ids(10, 12))
+    root = f"gs://{gcs.bucket}/{uuid.uuid4().hex[:8]}/index"
+    for folder, _, names in os.walk(nights.store.root):
+        for name in names:
+            local = os.path.join(folder, name)
+            with open(local, "rb") as source, FileSystems.create(root + local[len(nights.store.root):]) as copy:
+                copy.write(source.read())
+    table = new_table()
+    assert publish("--index", root, "--to", lance_dir, "--table", table) == 0
+    assert "40 rows, the view after log entry 6" in capsys.readouterr().out
+    assert_equal_rows(lance_rows(lance_dir, table), view(nights.store.root))

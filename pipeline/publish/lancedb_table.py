@@ -12,6 +12,7 @@ vectors itself once the table reaches --ann_min_rows (IVF-PQ, cosine); later pub
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -96,7 +97,6 @@ class LanceTable:
     def close(self) -> None:
         pass
 
-
     def _open(self):
         try:
             return self._db.open_table(self._name)
@@ -133,7 +133,7 @@ class LanceTable:
                                   mode="overwrite")
             return
         table = self._open()
-        self._record(table, PublishState(**{**before.__dict__, "pending": after.seq}))
+        self._record(table, dataclasses.replace(before, pending=after.seq))
         for chunk in _chunks(rows, schema, MERGE_ROWS):
             table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(chunk)
         ids = removed.to_pylist()
@@ -149,12 +149,14 @@ class LanceTable:
     @_failures_reported
     def ensure_ann_index(self, rows_written: bool) -> Optional[str]:
         table = self._open()
-        if any("embedding" in index.columns for index in table.list_indices()):
-            if not rows_written:
-                return None
+        indexed = any("embedding" in index.columns for index in table.list_indices())
+        if rows_written:
             started = time.monotonic()
-            table.optimize()  # indexes the new rows and compacts the small files merge_insert wrote
-            return f"ANN index updated with the new rows in {time.monotonic() - started:.1f} s"
+            table.optimize()  # compacts the small files merge_insert wrote, indexes the new rows
+            if indexed:
+                return f"ANN index updated with the new rows in {time.monotonic() - started:.1f} s"
+        if indexed:
+            return None
         rows = table.count_rows()
         if rows < self._ann_min_rows:
             return (f"no ANN index below --ann_min_rows {self._ann_min_rows:,} rows ({rows:,} now): queries scan "
