@@ -55,9 +55,13 @@ def flink(tmp_path_factory):
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory):
     """A private PostgreSQL 16 with pgvector for the session (PyPI's pgserver; a Unix socket, no TCP port): its URL."""
-    import pgserver
+    import warnings
 
-    server = pgserver.get_server(str(tmp_path_factory.mktemp("postgres")), cleanup_mode="stop")
+    with warnings.catch_warnings():  # platformdirs: no XDG_RUNTIME_DIR on CI machines, /tmp is used (fine here)
+        warnings.simplefilter("ignore")
+        import pgserver
+
+        server = pgserver.get_server(str(tmp_path_factory.mktemp("postgres")), cleanup_mode="stop")
     yield server.get_uri()
     server.cleanup()
 
