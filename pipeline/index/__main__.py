@@ -256,10 +256,11 @@ def publish(argv: Sequence[str]) -> int:
                                      "what changed since the last publish, delete what left.")
     parser.add_argument("--index", required=True, help=INDEX_HELP)
     parser.add_argument("--to", required=True, metavar="URL",
-                        help="postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE (pgvector), or a LanceDB database: "
+                        help="postgresql://USER@HOST[:PORT]/DATABASE (pgvector; the password from PGPASSWORD or "
+                        "~/.pgpass rather than the URL, which process lists show), or a LanceDB database: "
                         "lancedb://PATH, gs://BUCKET/PATH or a local folder.")
     parser.add_argument("--table", default=DEFAULT_TABLE, help="Table name (default: %(default)s); PostgreSQL "
-                        "takes schema.name.")
+                        "takes a lower-case name or schema.name.")
     parser.add_argument("--full", action="store_true", help="Rewrite the table from the whole view (after it was "
                         "changed by something else); readers keep the old rows until it commits.")
     parser.add_argument("--ann_min_rows", type=positive_int, default=DEFAULT_ANN_MIN_ROWS, metavar="N",
