@@ -76,6 +76,13 @@ def latest_rows(live: pa.Table, vectors: pa.Table) -> pa.Table:
         vectors, ["id", "uri", "seq"], join_type="inner").select(["id", "file", "row"])
 
 
+def rows_by_file(rows: pa.Table) -> Iterator[tuple]:
+    """(file number, its row numbers) for each file that `rows` (with file and row columns) reaches."""
+    numbers, row_numbers = rows.column("file").to_numpy(), rows.column("row").to_numpy()
+    for number in np.unique(numbers):
+        yield int(number), row_numbers[numbers == number]
+
+
 @dataclasses.dataclass(frozen=True)
 class ViewChanges:
     """How the current view differs from earlier views of the same index (see `changes_since`)."""
@@ -107,9 +114,8 @@ def changes_since(store: IndexStore, entries: Sequence[LogEntry], earlier: Seque
                 differing.append(now.join(then, ["id", "file", "row"], join_type="left anti"))
                 removed.append(then.select(["id"]).join(now.select(["id"]), "id", join_type="left anti"))
             rows = pa.concat_tables(differing).group_by(["file", "row"]).aggregate([])
-            numbers, row_numbers = rows.column("file").to_numpy(), rows.column("row").to_numpy()
-            for number in np.unique(numbers):
-                masks[number][row_numbers[numbers == number]] = True
+            for number, row_numbers in rows_by_file(rows):
+                masks[number][row_numbers] = True
             entered += rows.num_rows
     gone = pc.unique(pa.concat_tables(removed).column("id")) if removed else pa.array([], pa.string())
     return ViewChanges(files, masks, entered, gone, count)
@@ -169,10 +175,7 @@ def _selected_rows(bucket_and_parts) -> Iterator[tuple]:
     sides = {"live": [], "vectors": []}
     for side, table in parts:
         sides[side].append(table)
-    rows = latest_rows(concat(sides["live"], LIVE_SCHEMA), concat(sides["vectors"], VECTOR_SCHEMA))
-    numbers, row_numbers = rows.column("file").to_numpy(), rows.column("row").to_numpy()
-    for number in np.unique(numbers):
-        yield int(number), row_numbers[numbers == number]
+    yield from rows_by_file(latest_rows(concat(sides["live"], LIVE_SCHEMA), concat(sides["vectors"], VECTOR_SCHEMA)))
 
 
 def _read_rows(number_and_rows: tuple, files: Sequence[str]) -> Iterator[Embedding]:
