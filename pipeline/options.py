@@ -16,7 +16,7 @@ ENGINES = ("auto", "tensorflow", "litert")
 DEFAULT_BATCH = {"tensorflow": 32, "litert": 8}
 from transforms.decode import RESIZE_MODES, PreprocessConfig
 from transforms.embed import EmbedConfig
-from transforms.source import TFRecordFeatures
+from transforms.tfrecord import TFRecordFeatures
 from transforms.uri_reader import ReadConfig
 
 DEFAULT_MODEL = "mobilenet_v2_130_224"

@@ -84,8 +84,8 @@ def test_tsv_has_no_quoting(tmp_path):
 
 def test_a_line_that_is_not_utf8_is_reported_and_the_others_are_read(tmp_path):
     path = tmp_path / "m.txt"
-    path.write_bytes(b"/a/1.jpg\n" + b"/a/" + b"x" * 9000 + b"\n/a/caf\xe9.jpg\n/a/3.jpg\n")
-    assert [uri for _, uri in _usable(path)] == ["/a/1.jpg", "/a/" + "x" * 9000, "/a/3.jpg"]
+    path.write_bytes(b"/a/1.jpg\n" + b"/a/" + b"x" * 2000 + b"\n/a/caf\xe9.jpg\n/a/3.jpg\n")
+    assert [uri for _, uri in _usable(path)] == ["/a/1.jpg", "/a/" + "x" * 2000, "/a/3.jpg"]
     [(where, problem)] = _problems(path)
     assert problem == f"Manifest {where} is not UTF-8 (byte 0xe9 at position 6); save the manifest as UTF-8."
 

@@ -109,7 +109,7 @@ def decode_image(data: bytes, config: PreprocessConfig) -> np.ndarray:
         image = Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
     except UnidentifiedImageError:
         raise ImageDecodeError(
-            f"Not a supported image (supported: {', '.join(SUPPORTED_FORMATS)}); it starts with {data[:12]!r}."
+            f"Not a supported image (supported: {', '.join(SUPPORTED_FORMATS)}); {describe_content(data)}."
         ) from None
     with image:
         width, height = image.size
@@ -148,6 +148,30 @@ def decode_image(data: bytes, config: PreprocessConfig) -> np.ndarray:
         if late_transpose is not None:
             resized = resized.transpose(late_transpose)
         return np.asarray(resized if resized.mode == "RGB" else resized.convert("RGB"), dtype=np.uint8)
+
+
+_SIGNATURES = ((b"%PDF", "a PDF document"), (b"PK\x03\x04", "a ZIP archive"), (b"\x1f\x8b", "gzip-compressed data"),
+               (b"<?xml", "XML"), (b"\x00\x00\x00", "binary data of no known image format"))
+
+
+def describe_content(data: bytes) -> str:
+    """What the bytes look like, in words: an error row must not echo a file's content (a manifest could name
+    any file a worker can read)."""
+    size = f"{len(data):,} bytes"
+    for signature, kind in _SIGNATURES:
+        if data.startswith(signature):
+            return f"it holds {kind} ({size})"
+    head = data[:512]
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"it holds binary data of no known image format ({size})"
+    lowered = text.lstrip().lower()
+    if lowered.startswith(("<!doctype html", "<html")):
+        return f"it holds an HTML page ({size}): a web server's error or login page?"
+    if lowered.startswith(("{", "[")):
+        return f"it holds JSON or other text ({size})"
+    return f"it holds text, not an image ({size})"
 
 
 _STRIP_ROWS = 256
@@ -199,6 +223,8 @@ def _read_bytes(ref: ImageRef, read: ReadConfig) -> Union[bytes, Failure]:
         return Failure(ref.id, ref.uri, Stage.READ, str(exc))
     except MemoryError:
         return Failure(ref.id, ref.uri, Stage.READ, "Ran out of memory reading this input.")
+    except Exception as exc:  # the row boundary: whatever one uri makes a reader raise costs that row only
+        return Failure(ref.id, ref.uri, Stage.READ, f"Could not read {ref.uri} ({describe_exception(exc)}).")
 
 
 def decode_read_bytes(ref: ImageRef, data: bytes, preprocess: PreprocessConfig) -> Union[DecodedImage, Failure]:

@@ -171,13 +171,13 @@ class HubModelHandler(ModelHandler[DecodedImage, Union[Embedding, Failure], obje
         except Exception:  # MemoryError included: a smaller call may fit
             # One bad image must not take its batch down: retry image by image, report only failures.
             return [self._embed_alone(image, model) for image in batch]
-        return [Embedding(image.id, image.uri, vector, image.sha256) for image, vector in zip(batch, vectors)]
+        return [_finite(image, vector) for image, vector in zip(batch, vectors)]
 
     @staticmethod
     def _embed_alone(image: DecodedImage, model: HubEmbedder) -> Union[Embedding, Failure]:
         for attempt in range(1, MEMORY_ATTEMPTS + 1):
             try:
-                return Embedding(image.id, image.uri, model(image.pixels[np.newaxis])[0], image.sha256)
+                return _finite(image, model(image.pixels[np.newaxis])[0])
             except (ModelOutputError, ModelEnvironmentError):
                 raise
             except MemoryError:
@@ -195,6 +195,16 @@ class HubModelHandler(ModelHandler[DecodedImage, Union[Embedding, Failure], obje
 
     def get_metrics_namespace(self) -> str:
         return "embeddings"
+
+
+def _finite(image: DecodedImage, vector: np.ndarray) -> Union[Embedding, Failure]:
+    """The image's Embedding; a vector holding NaN or infinity is that image's failure, since one such vector would
+    make pgvector refuse every later publish and poison an ANN index's training."""
+    if not np.isfinite(vector).all():
+        return Failure(image.id, image.uri, Stage.EMBED, f"The model returned a vector with "
+                       f"{int(np.count_nonzero(~np.isfinite(vector)))} non-finite values (NaN or infinity) for "
+                       f"this image; it was not written.")
+    return Embedding(image.id, image.uri, vector, image.sha256)
 
 
 def _route(result: Union[Embedding, Failure]):

@@ -26,6 +26,9 @@ from apache_beam.io import filebasedsource
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from transforms.records import describe_exception
+from transforms.row_checks import id_problem, uri_problem, writable
+
 MANIFEST_EXTENSIONS = (".txt", ".csv", ".tsv", ".jsonl", ".parquet")
 MAX_LINE_BYTES = 1 << 20
 _BOM = "\ufeff"
@@ -156,22 +159,42 @@ def _stray_quote(line: str) -> bool:
     return False
 
 
+def checked_row(order: tuple, where: str, id_: str, uri: str, what: str = "Manifest",
+                check_uri: bool = True) -> ManifestRow:
+    """The row, or its failure when its id or uri could not be carried to every output (row_checks.py). A row
+    whose id is unusable is named by where it is, since its id cannot be written."""
+    bad_id = id_problem(id_)
+    if bad_id:
+        return ManifestRow(order, where, f"<{where}>", writable(uri), f"{what} {where} {bad_id}")
+    bad_uri = uri_problem(uri) if check_uri else None
+    if bad_uri:
+        return ManifestRow(order, where, id_, writable(uri), f"{what} {where} {bad_uri}")
+    return ManifestRow(order, where, id_, uri)
+
+
 def _row(order: tuple, where: str, uri, id_=None) -> ManifestRow:
     uri = "" if uri is None else str(uri).strip()
     id_ = "" if id_ is None else str(id_).strip()
     if not uri:
-        return ManifestRow(order, where, id_ or f"<{where}>", "", f"Manifest {where} has an empty uri.")
-    return ManifestRow(order, where, id_ or uri, uri)
+        named = id_ and not id_problem(id_)
+        return ManifestRow(order, where, id_ if named else f"<{where}>", "", f"Manifest {where} has an empty uri.")
+    return checked_row(order, where, id_ or uri, uri)
 
 
 def _bad(order: tuple, where: str, problem: str, text: str = "") -> ManifestRow:
     """A failure row; its uri column shows the line (up to 500 characters) so that a user can find it."""
-    return ManifestRow(order, where, f"<{where}>", text[:500], f"Manifest {where} {problem}")
+    return ManifestRow(order, where, f"<{where}>", writable(text[:500]), f"Manifest {where} {problem}")
 
 
 def parse_line(offset_and_line: tuple, path: str, columns: Sequence[str]) -> list:
-    """One physical manifest line -> [ManifestRow] ([] for blank, comment and header lines)."""
-    row = _parse_line(offset_and_line, path, columns)
+    """One physical manifest line -> [ManifestRow] ([] for blank, comment and header lines); whatever the line
+    holds, the worst it can be is its own failure row."""
+    try:
+        row = _parse_line(offset_and_line, path, columns)
+    except Exception as exc:
+        offset, raw = offset_and_line
+        return [_bad((path, offset), f"row at byte {offset}", f"could not be parsed ({describe_exception(exc)}).",
+                     (raw or b"").decode("utf-8", "replace").rstrip("\r\n"))]
     return [row] if row else []
 
 
@@ -279,8 +302,15 @@ def _read_parquet_row_group(group: tuple) -> Iterator[ManifestRow]:
     path, index, first_row = group
     with _open(path) as f:
         parquet = pq.ParquetFile(f)
-        columns = [c for c in ("uri", "id") if c in parquet.schema_arrow.names]
-        table = parquet.read_row_group(index, columns=columns)
+        rows = parquet.metadata.row_group(index).num_rows
+        try:
+            columns = [c for c in ("uri", "id") if c in parquet.schema_arrow.names]
+            table = parquet.read_row_group(index, columns=columns)
+        except Exception as exc:  # a damaged row group costs its own rows, each reported
+            for number in range(first_row, first_row + rows):
+                yield _bad((path, number), f"row {number}", f"is in row group {index}, which could not be read "
+                                                             f"({describe_exception(exc)}).")
+            return
     uris = table.column("uri").to_pylist()
     ids = table.column("id").to_pylist() if "id" in columns else [None] * table.num_rows
     for offset, (uri, id_) in enumerate(zip(uris, ids)):
@@ -291,7 +321,10 @@ def _read_parquet_row_group(group: tuple) -> Iterator[ManifestRow]:
         except UnicodeDecodeError:
             yield _bad(order, where, "holds bytes that are not UTF-8 in 'uri' or 'id'.")
             continue
-        yield _row(order, where, uri, id_)
+        try:
+            yield _row(order, where, uri, id_)
+        except Exception as exc:
+            yield _bad(order, where, f"could not be parsed ({describe_exception(exc)}).")
 
 
 def _text(value):

@@ -29,6 +29,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from transforms.embed import Embedding
 from transforms.records import Failure
+from transforms.row_checks import writable
 
 EMBEDDINGS_PREFIX = "embeddings"
 ERRORS_PREFIX = "errors"
@@ -83,7 +84,9 @@ def embeddings_table(rows: Sequence[Embedding], schema: pa.Schema) -> pa.Table:
 
 
 def errors_table(rows: Sequence[Failure], schema: pa.Schema) -> pa.Table:
-    return pa.Table.from_pylist([row._asdict() for row in rows], schema=schema)
+    """Every failure row can be written: text that is not valid UTF-8 (lone surrogates) is escaped."""
+    return pa.Table.from_pylist([{k: writable(v) if isinstance(v, str) else v for k, v in row._asdict().items()}
+                                 for row in rows], schema=schema)
 
 
 class _WriteParquet(beam.PTransform):

@@ -15,12 +15,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-import struct
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import apache_beam as beam
 from apache_beam.io import fileio
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
@@ -34,11 +32,14 @@ from transforms.manifest import (
     read_header,
 )
 from transforms.records import FAILED, Failure, ImageRef, Stage, plural
+from transforms.tfrecord import KeptImages, TFRecordFeatures, read_tfrecord_file
+from transforms.uri_reader import ReadConfig
 
 GLOB_CHARACTERS = "*?["
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 SKIPPED_COUNTER = "skipped_existing"
 SKIPPED = "skipped"  # tag of the ids skipped because an earlier run embedded them
+PASSED_OVER = "passed_over"  # tag of the orders of the rows the duplicate rule did not keep
 
 
 def _is_directory(path: str) -> bool:
@@ -135,94 +136,12 @@ def plan_input(path: str) -> InputPlan:
     return InputPlan(kind, matched, "files")
 
 
-@dataclasses.dataclass(frozen=True)
-class TFRecordFeatures:
-    """Feature names of tf.train.Example image records (defaults: the ImageNet / TFDS layout)."""
+class ReadTFRecordFiles(beam.PTransform):
+    """A glob of TFRecord files -> their paths, spread across workers (a file is read by one worker)."""
 
-    image: str = "image/encoded"
-    id: str = "image/filename"
-
-
-_EXAMPLES_PER_DECODE = 256
-
-
-def _tfrecords(path: str) -> Iterator[tuple]:
-    """(index, record bytes) of a TFRecord file; a damaged tail is one (index, None) at the end."""
-    with FileSystems.open(path, compression_type=CompressionTypes.AUTO) as f:
-        for index in itertools.count():
-            header = f.read(12)
-            if not header:
-                return
-            if len(header) < 12:
-                yield index, None
-                return
-            (length,) = struct.unpack("<Q", header[:8])
-            record = f.read(length)
-            if len(record) < length or len(f.read(4)) < 4:
-                yield index, None
-                return
-            yield index, record
-
-
-def _read_tfrecord_file(path: str, features: TFRecordFeatures) -> Iterator[ManifestRow]:
-    """One TFRecord file -> ManifestRow per record, ordered by (file, record index).
-
-    tfx-bsl decodes the serialized examples a batch at a time into Arrow natively, so only the two
-    needed features are materialised in Python.
-    """
-    from tensorflow_metadata.proto.v0 import schema_pb2
-    from tfx_bsl.coders.example_coder import ExamplesToRecordBatchDecoder
-
-    schema = schema_pb2.Schema()
-    for name in (features.image, features.id):
-        schema.feature.add(name=name, type=schema_pb2.BYTES)
-    decoder = ExamplesToRecordBatchDecoder(schema.SerializeToString())
-    records = _tfrecords(path)
-    while chunk := list(itertools.islice(records, _EXAMPLES_PER_DECODE)):
-        yield from _rows_from_records(path, chunk, decoder, features)
-
-
-def _rows_from_records(path, chunk, decoder, features) -> Iterator[ManifestRow]:
-    complete = [(index, record) for index, record in chunk if record is not None]
-    for index, record in chunk:
-        if record is None:
-            where = f"record {index} of {path}"
-            yield ManifestRow((path, index), where, f"<{where}>", path, f"The TFRecord file {path} is truncated "
-                              f"at record {index}.")
-    try:
-        batch = decoder.DecodeBatch([record for _, record in complete])
-    except Exception:  # one bad example fails the batch: decode one by one to report just that one
-        for index, record in complete:
-            try:
-                yield from _rows_from_batch(path, [index], decoder.DecodeBatch([record]), features)
-            except Exception:
-                where = f"record {index} of {path}"
-                yield ManifestRow((path, index), where, f"<{where}>", path, f"The {where} is not a tf.train.Example.")
-        return
-    yield from _rows_from_batch(path, [index for index, _ in complete], batch, features)
-
-
-def _rows_from_batch(path, indices, batch, features) -> Iterator[ManifestRow]:
-    images = batch.column(features.image).to_pylist()
-    ids = batch.column(features.id).to_pylist()
-    for index, images_of_row, ids_of_row in zip(indices, images, ids):
-        order, where = (path, index), f"record {index} of {path}"
-        id_ = ids_of_row[0].decode("utf-8", "replace") if ids_of_row else ""
-        if not id_:
-            yield ManifestRow(order, where, f"<{where}>", path, f"The {where} has no '{features.id}'.")
-        elif not images_of_row:
-            yield ManifestRow(order, where, id_, f"{path}#{id_}", f"Record {id_} has no '{features.image}' feature.")
-        else:
-            yield ManifestRow(order, where, id_, f"{path}#{id_}", data=images_of_row[0])
-
-
-class ReadTFExampleImages(beam.PTransform):
-    """TFRecord files of tf.train.Example -> ManifestRow carrying the encoded image; files read in parallel."""
-
-    def __init__(self, file_pattern: str, features: TFRecordFeatures):
+    def __init__(self, file_pattern: str):
         super().__init__()
         self._pattern = file_pattern
-        self._features = features
 
     def expand(self, pbegin):
         return (
@@ -231,7 +150,6 @@ class ReadTFExampleImages(beam.PTransform):
             | "MatchFiles" >> fileio.MatchAll()
             | "Paths" >> beam.Map(lambda metadata: metadata.path)
             | "SpreadFiles" >> beam.Reshuffle()
-            | "ReadRecords" >> beam.FlatMap(_read_tfrecord_file, self._features)
         )
 
 
@@ -274,13 +192,15 @@ class _KeepFirstRowPerId(beam.DoFn):
             self._skipped.inc(len(rows))
             for row in rows:
                 yield beam.pvalue.TaggedOutput(SKIPPED, row.id)
+                yield beam.pvalue.TaggedOutput(PASSED_OVER, row.order)
         elif rows:  # an id of the previous output that this run's input does not list has no rows
             first, *others = rows
-            yield ImageRef(id_, first.uri, first.data)
+            yield ImageRef(id_, first.uri)
             for row in others:
                 self._duplicates.inc()
                 message = f"Duplicate id: the {row.where} repeats the id of the {first.where}, which is the one embedded."
                 yield beam.pvalue.TaggedOutput(FAILED, Failure(id_, row.uri, Stage.MANIFEST, message))
+                yield beam.pvalue.TaggedOutput(PASSED_OVER, row.order)
 
 
 def _split_problems(row: ManifestRow):
@@ -295,7 +215,8 @@ class ReadImageRefs(beam.PTransform):
 
     Grouping by id both enforces the duplicate rule and redistributes the inputs across workers,
     so no separate Reshuffle is needed. With `previous_embeddings` (globs of earlier runs' embeddings
-    files) the same grouping drops ids that are already embedded.
+    files) the same grouping drops ids that are already embedded. Only ids and uris are grouped: TFRecord
+    images are read again after the grouping, for the records it kept (tfrecord.py).
     """
 
     def __init__(
@@ -303,18 +224,23 @@ class ReadImageRefs(beam.PTransform):
         input_path: str,
         previous_embeddings: Sequence[str] = (),
         tfrecord_features: TFRecordFeatures = TFRecordFeatures(),
+        max_image_bytes: int = ReadConfig.max_bytes,
     ):
         super().__init__()
         self._input = input_path
         self._kind = input_kind(input_path)
         self._previous = list(previous_embeddings)
         self._tfrecord_features = tfrecord_features
+        self._max_image_bytes = max_image_bytes
 
     def expand(self, pbegin):
+        features, limit = self._tfrecord_features, self._max_image_bytes
         if self._kind in ("glob", "directory"):
             rows = pbegin | "MatchImageFiles" >> MatchImageFiles(self._input, self._kind)
         elif self._kind == "tfrecord":
-            rows = pbegin | "ReadTFRecords" >> ReadTFExampleImages(self._input, self._tfrecord_features)
+            files = pbegin | "TFRecordFiles" >> ReadTFRecordFiles(self._input)
+            rows = (files | "ReadRecordIds" >> beam.FlatMap(read_tfrecord_file, features, limit)
+                    | "DropImages" >> beam.Map(lambda row: row._replace(data=None)))
         else:
             rows = pbegin | "ReadManifest" >> ReadManifest(self._input, read_header(self._input))
         usable = rows | "SplitUnusable" >> beam.FlatMap(_split_problems).with_outputs(FAILED, main="rows")
@@ -331,7 +257,11 @@ class ReadImageRefs(beam.PTransform):
         unique = (
             keyed
             | "GroupById" >> beam.CoGroupByKey()
-            | "KeepFirst" >> beam.ParDo(_KeepFirstRowPerId()).with_outputs(FAILED, SKIPPED, main="refs")
+            | "KeepFirst" >> beam.ParDo(_KeepFirstRowPerId()).with_outputs(FAILED, SKIPPED, PASSED_OVER, main="refs")
         )
+        refs = unique.refs
+        if self._kind == "tfrecord":
+            refs = files | "ReadKeptImages" >> beam.ParDo(KeptImages(features, limit),
+                                                          beam.pvalue.AsList(unique[PASSED_OVER]))
         failures = (usable[FAILED], unique[FAILED]) | "Failures" >> beam.Flatten()
-        return {"refs": unique.refs, FAILED: failures, SKIPPED: unique[SKIPPED]}
+        return {"refs": refs, FAILED: failures, SKIPPED: unique[SKIPPED]}

@@ -53,17 +53,30 @@ class ReadConfig:
     http_timeout_s: float = 30.0  # a total deadline per http(s) attempt, not per socket operation
     retries: int = 3  # of transient failures, on every scheme
     backoff_s: float = 0.5
+    allowed_prefixes: tuple = ()  # --allow_uri_prefix: when set, only URIs (and redirects) under one of these
+
+
+def scheme_of(uri: str) -> str:
+    """The lower-case scheme of `uri` ("" for a local path, a Windows drive letter, or a URI that does not parse)."""
+    try:
+        scheme = urllib.parse.urlsplit(uri).scheme.lower()
+    except ValueError:
+        return ""
+    return "" if len(scheme) == 1 else scheme
 
 
 def read_uri(uri: str, config: ReadConfig = ReadConfig()) -> bytes:
     """All bytes of `uri`, at most `config.max_bytes` (a larger object is an error, never truncated)."""
-    scheme = urllib.parse.urlsplit(uri).scheme.lower()
-    if len(scheme) == 1:  # a Windows drive letter, not a scheme
-        scheme = ""
+    try:
+        parts = urllib.parse.urlsplit(uri)
+    except ValueError as exc:
+        raise ReadError(f"{uri}: not a valid URL ({exc}).") from None
+    check_allowed(uri, uri, config)
+    scheme = scheme_of(uri)
     if scheme in HTTP_SCHEMES:
         read = _read_http
     elif scheme == "file":
-        uri = urllib.parse.unquote(urllib.parse.urlsplit(uri).path)
+        uri = urllib.parse.unquote(parts.path)
         read = _read_filesystem
     elif scheme in FILESYSTEM_SCHEMES:
         read = _read_filesystem
@@ -73,6 +86,50 @@ def read_uri(uri: str, config: ReadConfig = ReadConfig()) -> bytes:
             f"{', '.join(s + '://' for s in FILESYSTEM_SCHEMES if s)} or http(s)://."
         )
     return with_retries(lambda: read(uri, config), uri, config)
+
+
+# Cloud metadata servers: what a VM's credentials are read from. Never a source of images.
+_METADATA_HOSTS = ("metadata.google.internal", "metadata", "169.254.169.254", "fd00:ec2::254")
+
+
+def check_allowed(uri: str, location: str, config: ReadConfig) -> None:
+    """Refuses `location` (the URI, or a redirect it led to) outside --allow_uri_prefix, and a cloud metadata
+    server or link-local address always: a manifest must not make a worker read its own credentials."""
+    via = "" if location == uri else f" (it redirected to {location})"
+    if config.allowed_prefixes and ".." in urllib.parse.unquote(urllib.parse.urlsplit(location).path).split("/"):
+        raise ReadError(f"{uri}{via} has a '..' segment, which could leave every --allow_uri_prefix; it was not "
+                        f"read.")
+    if config.allowed_prefixes and not location.startswith(config.allowed_prefixes):
+        raise ReadError(f"{uri}{via} is outside every --allow_uri_prefix ({', '.join(config.allowed_prefixes)}); "
+                        f"it was not read.")
+    if scheme_of(location) in HTTP_SCHEMES:
+        host = (urllib.parse.urlsplit(location).hostname or "").rstrip(".").lower()
+        if host in _METADATA_HOSTS or _is_link_local(host):
+            raise ReadError(f"{uri}{via} names a cloud metadata server or a link-local address, which is never "
+                            f"read.")
+
+
+def _is_link_local(host: str) -> bool:
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if getattr(address, "ipv4_mapped", None):
+        address = address.ipv4_mapped
+    return address.is_link_local or str(address) == "fd00:ec2::254"
+
+
+def _refuse_metadata_addresses(uri: str, host: str, port) -> None:
+    """A host name that resolves to a metadata or link-local address is refused like the address itself."""
+    try:
+        found = socket.getaddrinfo(host, port or 80, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):
+        return  # the connection reports it, classified as usual
+    if any(_is_link_local(info[4][0].split("%")[0]) for info in found):
+        raise ReadError(f"{uri}: the host {host} resolves to a link-local address (a cloud metadata server), "
+                        f"which is never read.")
 
 
 def with_retries(read: Callable[[], bytes], uri: str, config: ReadConfig, sleep=time.sleep) -> bytes:
@@ -195,13 +252,16 @@ def _read_http(uri: str, config: ReadConfig) -> bytes:
 
     location = uri
     for _ in range(_MAX_REDIRECTS + 1):
-        parts = urllib.parse.urlsplit(location)
-        if parts.scheme.lower() not in HTTP_SCHEMES or not parts.hostname:
-            raise ReadError(f"{uri}: not a valid http(s) URL ({location}).")
         try:
+            parts = urllib.parse.urlsplit(location)
+            if parts.scheme.lower() not in HTTP_SCHEMES or not parts.hostname:
+                raise ReadError(f"{uri}: not a valid http(s) URL ({location}).")
+            check_allowed(uri, location, config)
             connection, target, headers = _connection(parts, remaining())
-        except ValueError as exc:  # a malformed port
+        except ValueError as exc:  # a malformed port or host
             raise ReadError(f"{uri}: not a valid http(s) URL ({exc}).") from None
+        if connection.host == parts.hostname:  # not through a proxy: the address we connect to is checked
+            _refuse_metadata_addresses(uri, parts.hostname, parts.port)
         try:
             connection.connect()
             sock = connection.sock  # kept: the connection lets go of it once the response says "close"
