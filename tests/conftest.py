@@ -5,8 +5,15 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import settings
 
 from helpers import REPO, SAMPLES
+
+# The generated tests run the same examples on every run (CI included), so a failure reproduces; for a longer,
+# random exploration locally: HYPOTHESIS_RANDOM=1 HYPOTHESIS_EXAMPLES=200 ./run_tests.sh -k ...
+settings.register_profile("project", derandomize=not os.environ.get("HYPOTHESIS_RANDOM"), database=None,
+                          deadline=None, print_blob=True)
+settings.load_profile("project")
 
 STANDIN_CACHE = os.environ.get("STANDIN_CACHE_DIR", os.path.join(REPO, ".cache", "standins"))
 FLINK_CACHE = os.environ.get("FLINK_CACHE_DIR", os.path.join(REPO, ".cache", "flink"))

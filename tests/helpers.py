@@ -229,3 +229,8 @@ def portable_services(worker_python: str, log_path):
             except subprocess.TimeoutExpired:
                 service.kill()
         log.close()
+
+
+def examples(default: int) -> int:
+    """How many examples a generated test runs: `default` (CI), or HYPOTHESIS_EXAMPLES for a longer local run."""
+    return int(os.environ.get("HYPOTHESIS_EXAMPLES", default))

@@ -80,7 +80,9 @@ def test_changed_uris_are_embedded_again_and_removed_ids_leave_the_view(tmp_path
     capsys.readouterr()
     assert update("--input", write_manifest(tmp_path / "b.csv", night2), "--index", str(root),
                   "--model_handle", mobilenet_handle) == 0
-    assert "3 updated, 4 removed, 5 unchanged, 0 failed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "from 8 input rows: 0 new, 3 updated, 5 unchanged, 0 retried, 0 refused; 4 removed." in out
+    assert "3 embedded in 1 run, 5 already embedded, 0 failed." in out  # adds up to the input's rows
     assert sorted(run_ids(root, store.committed_runs(store.log()[len(before):]))) == sorted(changed)
     table = snapshot(root, tmp_path / "snap")
     view = vectors_by_id(table)

@@ -108,6 +108,33 @@ def test_a_mass_removal_is_refused_with_the_count_and_how_to_allow_it(index_root
     check_index(index_root, tmp_path, dict(pairs[:2]), mobilenet_handle)
 
 
+def test_a_night_whose_uris_all_fail_cannot_empty_the_view(tmp_path, mobilenet_handle, capsys):
+    """The valve is on the view: ids that stay in the input but now fail count like ids that left it."""
+    root = str(tmp_path / "index")
+    paths = tiles(tmp_path / "imgs", 4)
+    pairs = [(f"i{n}", p) for n, p in enumerate(paths)]
+    new_index(root, mobilenet_handle)
+    assert update(root, "--input", night(tmp_path, "n1", pairs)) == 0
+    moved = [(i, f"{tmp_path}/unreadable-bucket/{n}.png") for n, (i, _) in enumerate(pairs)]
+    capsys.readouterr()
+    assert update(root, "--input", night(tmp_path, "n2", moved)) == 2
+    err = capsys.readouterr().err
+    assert "would take 4 of the 4 ids of the current view out of it (100%): 0 left the input and 4 now fail" in err
+    assert "--max_removed 4" in err and "the 1 run it finished are kept" in err
+    store = IndexStore(root)
+    assert [e.kind for e in store.log()] == ["begin", "run", "update", "begin", "run"]  # no update committed
+    check_index(root, tmp_path, dict(pairs), mobilenet_handle)  # the view is night 1's
+    assert index_main(["status", "--index", root]) == 0
+    assert "live ids: 4 (4 embedded, 0 failed)" in capsys.readouterr().out
+    # Half of them back, half still failing: 2 of 4 is within the default share.
+    half = pairs[:2] + moved[2:]
+    assert update(root, "--input", night(tmp_path, "n3", half)) == 0
+    check_index(root, tmp_path, dict(pairs[:2]), mobilenet_handle)
+    assert index_main(["status", "--index", root]) == 0
+    status = capsys.readouterr().out
+    assert "live ids: 4 (2 embedded, 2 failed)" in status and "unfinished updates" not in status
+
+
 def test_a_typo_in_index_or_a_run_output_is_not_an_index_and_nothing_is_created(index_root, tmp_path,
                                                                                 mobilenet_handle, capsys):
     from apache_beam.io.filesystems import FileSystems
@@ -203,7 +230,8 @@ def test_a_listing_that_fails_stops_the_update_before_it_deletes_anything(index_
     assert [e.body["run"] for e in store.committed_runs(store.log())] == runs
     assert update(index_root, "--input", night(tmp_path, "n3", pairs)) == 0
     out = capsys.readouterr().out
-    assert "0 new, 0 updated, 0 removed, 6 unchanged, 0 failed (0 embedded" in out  # nothing embedded again
+    assert "0 new, 0 updated, 6 unchanged, 0 retried, 0 refused; 0 removed." in out
+    assert "0 embedded in 0 runs, 6 already embedded, 0 failed." in out  # nothing embedded again
     assert store.leftovers(store.log()) == []
     check_index(index_root, tmp_path, dict(pairs), mobilenet_handle)
 

@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import read_embeddings, read_errors, run_and_collect, run_pipeline, tiles
+from helpers import examples, read_embeddings, read_errors, run_and_collect, run_pipeline, tiles
 
 MAX_ID_BYTES = 2048
 FORMATS = ("txt", "csv", "tsv", "jsonl", "parquet", "tfrecord")
@@ -215,8 +215,7 @@ def good_images(tmp_path_factory):
     return {f"GOOD{n}": path for n, path in enumerate(tiles(folder, 3))}
 
 
-@settings(max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", "12")), deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+@settings(max_examples=examples(12), suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
                                  HealthCheck.data_too_large])
 @given(generated=rows())
 def test_every_row_of_every_format_ends_in_exactly_one_output(tmp_path_factory, good_images, generated):
@@ -240,8 +239,7 @@ def test_every_row_of_every_format_ends_in_exactly_one_output(tmp_path_factory, 
 
 # --- TFRecord framing: damaged records are their own failures, a damaged length ends the file ---------------
 
-@settings(max_examples=int(os.environ.get("HYPOTHESIS_EXAMPLES", "12")), deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(30), suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(count=st.integers(1, 6), damage=st.sampled_from(("data", "length", "truncate", "huge_length")),
        at=st.integers(0, 5), byte=st.integers(0, 10_000))
 def test_a_damaged_tfrecord_costs_its_record_or_its_tail(tmp_path_factory, good_images, count, damage, at, byte):

@@ -37,7 +37,7 @@ from pipeline.outputs import RUN_REPORT, earlier_results, prepare_output_dir, su
 from pipeline.preflight import check_model, metadata_differences, output_metadata
 from pipeline.report import software_versions
 from pipeline.interrupt import INTERRUPTED, exit_with
-from pipeline.run import PREFLIGHT_ERRORS, check_workers_reach, choose_engine, run
+from pipeline.run import PREFLIGHT_ERRORS, JobFailed, check_workers_reach, choose_engine, run
 from pipeline.standin_models import STANDIN_WARNING
 from pipeline.runtime import configure_logging, is_local_runner
 from transforms.records import plural
@@ -99,8 +99,11 @@ def _update_parser() -> argparse.ArgumentParser:
                         "(they retry failed work themselves, and each job pays its start-up).")
     parser.add_argument("--max_removed", type=RemovalLimit.parse, default=RemovalLimit.parse(DEFAULT_MAX_REMOVED),
                         metavar="SHARE_OR_COUNT",
-                        help="Refuse (exit 2, nothing changed) an update that would remove more of the live ids than "
-                        "this: a share ('0.5', '50%%') or a count ('1000'). Default: %s." % DEFAULT_MAX_REMOVED)
+                        help="Refuse (exit 2) an update that would take more of the ids with a vector out of the "
+                        "view than this, whether they left the input or now fail: a share ('0.5', '50%%') or a count "
+                        f"('1000'). Checked before any work for ids that left the input (nothing is changed), and "
+                        f"again before the commit (the view stays as it was; finished runs are kept). Default: "
+                        f"{DEFAULT_MAX_REMOVED}.")
     return parser
 
 
@@ -156,9 +159,12 @@ def update(argv: Sequence[str]) -> int:
                            run=lambda chunk_config, chunk_args: run(chunk_config, chunk_args, announce=False),
                            say=lambda text: print(text, flush=True))
     counts, failed = outcome.counts, outcome.failed
-    print(f"Index {store.root} updated: {counts.new} new, {counts.updated} updated, {counts.removed} removed, "
-          f"{counts.unchanged} unchanged, {failed} failed ({outcome.embedded} embedded in "
-          f"{plural(outcome.runs, 'run')}).")
+    usable = counts.new + counts.updated + counts.unchanged + counts.retried
+    print(f"Index {store.root} updated from {plural(usable + counts.refused, 'input row')}: {counts.new} new, "
+          f"{counts.updated} updated, {counts.unchanged} unchanged, {counts.retried} retried, {counts.refused} "
+          f"refused; {counts.removed} removed.")
+    print(f"  {outcome.embedded} embedded in {plural(outcome.runs, 'run')}, {usable - counts.to_embed} already "
+          f"embedded, {failed} failed.")
     if identity.get("weights", "").startswith("STAND-IN"):
         print(f"WARNING: the index holds vectors of a {STANDIN_WARNING}.")
     if failed:
@@ -300,7 +306,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (*PREFLIGHT_ERRORS, IndexRefused, LeaseBusy, UnsupportedStore, PublishRefused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (StoreError, IndexCorrupt, LeaseLost, CommitRefused, PublishFailed) as exc:
+    except (StoreError, IndexCorrupt, LeaseLost, CommitRefused, PublishFailed, JobFailed) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -15,7 +15,8 @@ from typing import Callable, Optional, Sequence
 
 from pipeline.index.lease import UpdateLease
 from pipeline.index.plan import PlanCounts, plan_update, write_chunks
-from pipeline.index.store import IndexRefused, IndexStore, new_name
+from pipeline.index.store import IndexRefused, IndexStore, LogEntry, new_name
+from pipeline.index.view import ViewChanges, changes_since
 from pipeline.options import JobConfig
 from transforms.records import plural
 
@@ -86,6 +87,25 @@ def check_removals(counts: PlanCounts, limit: RemovalLimit) -> None:
                            f"repeated): nothing was changed. Fix --input and run again.")
 
 
+def check_view_loss(changes: ViewChanges, limit: RemovalLimit, runs: int) -> None:
+    """The valve on the view itself: refuses to commit an update that would take more than `limit` of the ids
+    with a vector out of the view, whether they left the input or now fail (a night whose uris all moved to a
+    bucket the workers cannot read removes nothing from the input and would empty the view)."""
+    lost, before = len(changes.removed), changes.earlier_counts[0]
+    if not lost or limit.allows(lost, before):
+        return
+    share = lost / before
+    raise UnsafeUpdate(
+        f"This update would take {lost} of the {before} ids of the current view out of it ({share:.0%}): "
+        f"{lost - changes.removed_live} left the input and {changes.removed_live} now fail (a new uri, or a "
+        f"retried one, did not embed). That is more than --max_removed {limit.text} allows, so it was not "
+        f"committed: the current view stays as it was, and the {plural(runs, 'run')} it finished are kept for the "
+        f"next update. If this is meant, run again with --max_removed {lost} (or {min(1.0, share + 0.005):.2f}); "
+        f"otherwise look at this update's errors (a bucket the workers cannot read, or mangled paths, look like "
+        f"this) and fix --input."
+    )
+
+
 def update_index(
     store: IndexStore,
     config: JobConfig,
@@ -138,7 +158,10 @@ def update_index(
             failed += run_counts["errors"]
             say(f"Run {number}/{len(chunks)} finished: {run_counts['embedded']} embedded, {run_counts['errors']} "
                 f"failed.")
+        body = {"kind": "update", "update": name, "input": config.input,
+                "counts": {**dataclasses.asdict(counts), "embedded": embedded, "failed": failed}}
+        committed = [*store.log(), LogEntry(seq + 1, body)]  # the log as it would be after this commit
+        check_view_loss(changes_since(store, committed, [len(entries)]), max_removed, len(chunks))
         lease.verify()
-        store.append(seq + 1, {"kind": "update", "update": name, "input": config.input,
-                               "counts": {**dataclasses.asdict(counts), "embedded": embedded, "failed": failed}})
+        store.append(seq + 1, body)
     return UpdateOutcome(name, counts, len(chunks), embedded, failed)

@@ -92,6 +92,8 @@ class ViewChanges:
     entered_count: int
     removed: pa.Array  # ids in an earlier view and not in the view now
     count: int  # rows in the view now
+    earlier_counts: tuple = ()  # rows in each earlier view
+    removed_live: int = 0  # of `removed`, ids still live: their uri changed (or they were retried) and failed
 
 
 def changes_since(store: IndexStore, entries: Sequence[LogEntry], earlier: Sequence[int] = ()) -> ViewChanges:
@@ -102,23 +104,29 @@ def changes_since(store: IndexStore, entries: Sequence[LogEntry], earlier: Seque
 
     files = vector_files(store, entries)
     masks = [np.zeros(parquet_rows(path), bool) for _, path in files]
-    entered, count, removed = 0, 0, []
+    entered, count, removed, then_counts, removed_live = 0, 0, [], [0] * len(earlier), 0
     with _joined(store, entries, files, earlier) as buckets:
         for bucket in buckets:
             vectors = bucket["vectors"]
             now = latest_rows(bucket["live"], vectors)
             count += now.num_rows
             differing = [now] if not earlier else []
-            for n in earlier:
+            gone_here = []
+            for position, n in enumerate(earlier):
                 then = latest_rows(bucket[f"live@{n}"], vectors.filter(pc.less_equal(vectors.column("seq"), n)))
+                then_counts[position] += then.num_rows
                 differing.append(now.join(then, ["id", "file", "row"], join_type="left anti"))
-                removed.append(then.select(["id"]).join(now.select(["id"]), "id", join_type="left anti"))
+                gone_here.append(then.select(["id"]).join(now.select(["id"]), "id", join_type="left anti"))
+            if gone_here:
+                gone = pa.concat_tables(gone_here).group_by(["id"]).aggregate([])
+                removed.append(gone)
+                removed_live += gone.join(bucket["live"].select(["id"]), "id", join_type="inner").num_rows
             rows = pa.concat_tables(differing).group_by(["file", "row"]).aggregate([])
             for number, row_numbers in rows_by_file(rows):
                 masks[number][row_numbers] = True
             entered += rows.num_rows
-    gone = pc.unique(pa.concat_tables(removed).column("id")) if removed else pa.array([], pa.string())
-    return ViewChanges(files, masks, entered, gone, count)
+    gone = pa.concat_tables(removed).column("id").combine_chunks() if removed else pa.array([], pa.string())
+    return ViewChanges(files, masks, entered, gone, count, tuple(then_counts), removed_live)
 
 
 def current_selection(store: IndexStore, entries: Sequence[LogEntry]) -> tuple[list, list, int]:
@@ -152,7 +160,8 @@ def index_status(store: IndexStore, running_update: Optional[str] = None) -> Ind
             totals["removed"] += settled.group_by(["id"]).aggregate([]).join(live.select(["id"]), "id",
                                                                               join_type="left anti").num_rows
             totals["pending"] += vectors.num_rows - settled.num_rows
-    begun = [e.body["update"] for e in entries if e.kind == "begin"]
+    # Begun after the last finished update and not finished: a later update that finished took over its runs.
+    begun = [e.body["update"] for e in entries if e.kind == "begin" and (last is None or e.seq > last.seq)]
     return IndexStatus(
         runs=len(runs),
         updates=len(finished),
