@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
+from transforms import crashpoints
 from transforms.embed import Embedding
 from transforms.records import Failure
 from transforms.row_checks import writable
@@ -150,6 +151,7 @@ class MarkFinished(beam.PTransform):
 
 
 def _write_marker(files, output_dir, names, counts) -> str:
+    crashpoints.reach("run.finishing")
     remove_partial_outputs(output_dir)  # a runner's failed attempts (restarts) leave their temporary folders
     path = FileSystems.join(output_dir, PIPELINE_DONE)
     marker = {

@@ -18,6 +18,7 @@ from pipeline.index.plan import PlanCounts, plan_update, write_chunks
 from pipeline.index.store import IndexRefused, IndexStore, LogEntry, new_name
 from pipeline.index.view import ViewChanges, changes_since
 from pipeline.options import JobConfig
+from transforms import crashpoints
 from transforms.records import plural
 
 DEFAULT_MAX_REMOVED = "0.5"
@@ -130,6 +131,7 @@ def update_index(
         lease.verify()
         seq = store.append(len(entries) + 1, {"kind": "begin", "update": name, "host": socket.gethostname(),
                                               "pid": os.getpid()}).seq  # the fence: nobody older commits now
+        crashpoints.reach("update.begun")
         for leftover in store.leftovers(entries, keep_update=name):
             say(f"Removing {leftover}: left by an update that did not finish.")
             store.remove(leftover)
@@ -150,10 +152,12 @@ def update_index(
                 if not lease.lost:  # ours to clean: the lease is still held
                     store.remove(f"runs/{run_name}")
                 raise
+            crashpoints.reach("update.run_written")
             lease.verify()
             run_counts = report["counts"]
             seq = store.append(seq + 1, {"kind": "run", "run": run_name, "update": name,
                                          "embedded": run_counts["embedded"], "errors": run_counts["errors"]}).seq
+            crashpoints.reach("update.run_committed")
             embedded += run_counts["embedded"]
             failed += run_counts["errors"]
             say(f"Run {number}/{len(chunks)} finished: {run_counts['embedded']} embedded, {run_counts['errors']} "
@@ -163,5 +167,6 @@ def update_index(
         committed = [*store.log(), LogEntry(seq + 1, body)]  # the log as it would be after this commit
         check_view_loss(changes_since(store, committed, [len(entries)]), max_removed, len(chunks))
         lease.verify()
+        crashpoints.reach("update.before_commit")
         store.append(seq + 1, body)
     return UpdateOutcome(name, counts, len(chunks), embedded, failed)

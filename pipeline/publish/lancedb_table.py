@@ -12,7 +12,6 @@ vectors itself once the table reaches --ann_min_rows (IVF-PQ, cosine); later pub
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import re
@@ -23,6 +22,7 @@ import pyarrow as pa
 
 from pipeline.publish.sync import PublishFailed, PublishRefused, PublishState
 from pipeline.search.collection import Batch
+from transforms import crashpoints
 
 STATE_KEY = "beam_image_embeddings.published"
 MERGE_ROWS = 16384  # rows per merge_insert commit: bounds the memory of an upsert of millions of rows
@@ -133,12 +133,15 @@ class LanceTable:
                                   mode="overwrite")
             return
         table = self._open()
-        self._record(table, dataclasses.replace(before, pending=after.seq))
+        self._record(table, before.begun(after.seq))
+        crashpoints.reach("publish.lancedb.pending")
         for chunk in _chunks(rows, schema, MERGE_ROWS):
             table.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(chunk)
+            crashpoints.reach("publish.lancedb.upserted")
         ids = removed.to_pylist()
         for start in range(0, len(ids), DELETE_IDS):
             table.delete(f"id IN ({_quoted(ids[start:start + DELETE_IDS])})")
+        crashpoints.reach("publish.lancedb.deleted")
         found = table.count_rows()
         if found != after.rows:
             raise PublishFailed(f"{self.described} holds {found:,} rows after the publish, not the view's "

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.publish.sync import PublishFailed, PublishRefused, PublishState
+from transforms import crashpoints
 from pipeline.search.collection import Batch
 
 STATE_TABLE = "beam_image_embeddings_published"
@@ -119,6 +120,7 @@ class PostgresTable:
                 else:
                     self._run("CREATE TEMPORARY TABLE publish_rows (LIKE {table}) ON COMMIT DROP")
                     self._copy_rows(batches, sql.Identifier("publish_rows"))
+                    crashpoints.reach("publish.postgres.copied")
                     if replace:
                         self._run("DELETE FROM {table} t WHERE NOT EXISTS (SELECT 1 FROM publish_rows r WHERE "
                                   "r.id = t.id)")

@@ -3,9 +3,10 @@
 The target records what it holds as a `PublishState`: which index, which model's vectors, and the log length
 (`seq`) its rows reflect. A publish writes only the difference between the view then and the view now (the
 first one writes everything), so a night's publish costs the night's changes, and a publish with nothing new
-writes nothing. A target that commits in several steps (LanceDB) first records the log length it is moving to
-(`pending`); a publish that stopped half way leaves a mix of the two views, and the next one writes the
-difference from both, so that a crash at any point, followed by another publish, ends equal to the view.
+writes nothing. A target that commits in several steps (LanceDB) first adds the log length it is moving to to
+`pending`; a publish that stopped half way leaves a mix of the views, and the next one writes the difference
+from every one of them, so that any sequence of crashes and nights, followed by a publish, ends equal to the
+view. Only a publish that completes clears `pending`.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ class PublishState:
     seq: int  # the rows are the view after this many log entries
     rows: int
     published_at: str
-    pending: Optional[int] = None  # a publish towards this log length began and may have stopped half way
+    # Log lengths that publishes began moving the rows to since the last complete one: each may have stopped half
+    # way, so the rows may hold a mix of the view after `seq` and the views after each of these.
+    pending: tuple = ()
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -50,9 +53,17 @@ class PublishState:
     @classmethod
     def from_json(cls, text: str, where: str) -> "PublishState":
         try:
-            return cls(**json.loads(text))
-        except (TypeError, ValueError):
+            fields = json.loads(text)
+            pending = fields.get("pending")  # one number (or null) in records of earlier versions
+            fields["pending"] = tuple(sorted(pending if isinstance(pending, list) else [] if pending is None
+                                             else [pending]))
+            return cls(**fields)
+        except (TypeError, ValueError, AttributeError):
             raise PublishFailed(f"{where} holds a publish record this version cannot read: {text[:200]!r}.") from None
+
+    def begun(self, seq: int) -> "PublishState":
+        """This state with a publish towards `seq` begun (and every earlier unfinished one kept)."""
+        return dataclasses.replace(self, pending=tuple(sorted({*self.pending, seq})))
 
 
 class Target(Protocol):
@@ -116,7 +127,7 @@ def publish(store: IndexStore, target: Target, full: bool = False) -> Published:
         if before.index != key:
             raise PublishRefused(f"{target.described} holds the view of another index of the same model (published "
                                  f"at {before.published_at}); publish {store.root} to another --table.")
-        if not full and before.pending is None:
+        if not full and not before.pending:
             found = target.rows()
             if found != before.rows:
                 raise PublishRefused(
@@ -125,8 +136,12 @@ def publish(store: IndexStore, target: Target, full: bool = False) -> Published:
                     f"index (readers keep the old rows until it commits).")
             if before.seq == len(entries):
                 return Published(target.described, before, 0, 0, True, target.ensure_ann_index(False))
-    earlier = [] if full or before is None else sorted({before.seq, before.pending} - {None})
+    earlier = [] if full or before is None else sorted({before.seq, *before.pending})
     changes = changes_since(store, entries, earlier)
+    if before is not None and not full and not before.pending and not changes.entered_count \
+            and not len(changes.removed):
+        # Nights that changed nothing in the view: the target is not written at all (no new version, no new state).
+        return Published(target.described, before, 0, 0, True, target.ensure_ann_index(False))
     after = PublishState(key, metadata, len(entries), changes.count, now_iso())
     target.write(_entered_rows(changes, metadata), changes.removed, int(metadata["dim"]), before, after,
                  replace=full or before is None)
