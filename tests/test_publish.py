@@ -23,6 +23,7 @@ from pipeline.index.__main__ import main as index_main
 from pipeline.index.store import IndexStore
 from pipeline.index.view import current_selection
 from pipeline.publish.lancedb_table import STATE_KEY
+from transforms import crashpoints
 
 TARGETS = ("postgres", "lancedb")
 
@@ -94,6 +95,8 @@ def view(root) -> dict:
     rows = {}
     for (_, path), mask in zip(files, masks):
         table = pq.read_table(path).filter(pa.array(mask))
+        if not table.num_rows:
+            continue
         vectors = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
         rows.update({i: (u, s, v) for i, u, s, v in zip(table.column("id").to_pylist(), table.column("uri").to_pylist(),
                                                          table.column("sha256").to_pylist(), vectors)})
@@ -259,6 +262,62 @@ def kill_when(process: subprocess.Popen, seen, timeout_s: float = 120) -> bool:
         return process.wait(timeout=60) == -signal.SIGKILL
     finally:
         process.stdout.close()
+
+
+class Stop(BaseException):
+    """Raised at an armed crash point: the publish stops there, as if killed."""
+
+
+def stopped_publish(root, url, table, point):
+    def stop():
+        raise Stop(point)
+
+    crashpoints.arm(point, stop)
+    try:
+        with pytest.raises(Stop):
+            publish("--index", str(root), "--to", url, "--table", table)
+    finally:
+        crashpoints.disarm_all()
+
+
+def test_lancedb_publishes_stopped_on_two_nights_in_a_row_leave_no_stale_row(tmp_path, lance_dir, capsys):
+    """id0 at u1, then u2 (publish stopped before its final record), then back at u1 (publish stopped right after
+    recording pending): the next publish must not keep u2's vector, which the row count alone cannot see."""
+    root, table = tmp_path / "index", new_table()
+    store = IndexStore(str(root))
+    store.create_identity(synthetic_metadata(4))
+    rng = np.random.default_rng(7)
+    u1, u2, other = ("id0", "gs://p/u1.jpg"), ("id0", "gs://p/u2.jpg"), ("id1", "gs://p/b.jpg")
+    seq = 0
+
+    def commit(*steps):
+        nonlocal seq
+        for kind, pairs in steps:
+            seq += 1
+            if kind == "begin":
+                store.append(seq, {"kind": "begin", "update": f"u{seq}"})
+            elif kind == "run":
+                commit_run(store, seq, f"r{seq}", f"u{seq}", pairs, rng.standard_normal((len(pairs), 4)))
+            else:
+                commit_update(store, seq, f"n{seq}", pairs)
+
+    commit(("begin", None), ("run", [u1, other]), ("update", [u1, other]))
+    assert publish("--index", str(root), "--to", lance_dir, "--table", table) == 0  # night 1: u1
+    commit(("begin", None), ("run", [u2]), ("update", [u2, other]))  # night 2: id0 moves to u2
+    stopped_publish(root, lance_dir, table, "publish.lancedb.deleted")  # u2 written, final record not
+    commit(("begin", None), ("update", [u1, other]))  # night 3: id0 back at u1 (its night-1 vector, no new run)
+    stopped_publish(root, lance_dir, table, "publish.lancedb.pending")  # pending recorded, nothing else
+    assert lance_state(lance_dir, table)["pending"] == [6, 8]  # both unfinished publishes are remembered
+    assert publish("--index", str(root), "--to", lance_dir, "--table", table) == 0
+    assert_equal_rows(lance_rows(lance_dir, table), view(root))
+    assert lance_rows(lance_dir, table)["id0"][0] == u1[1]
+    # A night that changes nothing in the view writes nothing at all: no new version, no new record.
+    version = lance_table(lance_dir, table).version
+    commit(("begin", None), ("update", [u1, other]))
+    capsys.readouterr()
+    assert publish("--index", str(root), "--to", lance_dir, "--table", table) == 0
+    assert "nothing to write" in capsys.readouterr().out
+    assert lance_table(lance_dir, table).version == version
 
 
 def test_nearest_neighbours_in_sql_and_lancedb_are_the_hits_of_pipeline_search(tmp_path, postgres, lance_dir, capsys):
