@@ -69,7 +69,8 @@ def index(*args) -> int:
 
 class NightsAndPublishes:
     """One sequence of nights drawn from `rng`: each night changes the input, updates (stopped at the next crash
-    point of the turn, then run again when it was), and publishes to both targets (likewise). Where steps stop
+    point of the turn, then run again when it was), and publishes to both targets (a stopped publish is run
+    again at once or only after the next night, so that half-published views pile up). Where steps stop
     turns through every crash point, shared by all sequences, so that each is hit (checked at the end)."""
 
     turns = {"update": itertools.cycle(sum(((None, point) for point in UPDATE_POINTS), ())),
@@ -108,8 +109,10 @@ class NightsAndPublishes:
             while self.update(self.next_stop("update")):
                 pass  # stopped: the next update starts from what it left
             for target in sorted(self.targets):
-                while self.publish(target, self.next_stop(target)):
-                    pass
+                while self.publish(target, self.next_stop(target)) and self.rng.random() < 0.5:
+                    pass  # run again at once, or leave the table half-published until after the next night
+        for target in sorted(self.targets):
+            self.publish(target, None)
         return self.trace
 
     def night(self):
