@@ -121,6 +121,11 @@ def build_parser(
         )
         io.add_argument("--force_full_run", action="store_true",
                         help="With --skip_existing: embed everything even when the earlier run's model differs.")
+    io.add_argument("--allow_uri_prefix", action="append", default=[], metavar="PREFIX",
+                    help="Read only URIs that start with PREFIX (repeat for several: 'gs://photos/', "
+                    "'https://cdn.example.com/'); any other row, and any redirect out of them, is a failure row that "
+                    "says so. For manifests others write: by default a row may name any local file, object or http "
+                    "host the workers reach (cloud metadata servers and link-local addresses are always refused).")
     io.add_argument("--max_error_rate", type=_fraction, metavar="FRACTION",
                     help="Exit with code 3 when more than this share of the inputs failed (outputs are still "
                     "written). Default: never.")
@@ -229,6 +234,7 @@ class ShortErrorParser(argparse.ArgumentParser):
 def parse_known(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> tuple:
     """(args, Beam args). A flag neither this project nor Beam knows is refused, with the nearest known one,
     before a missing required flag is: `--inptu x` is a typo of --input, not a missing --input."""
+    refuse_repeated(parser, list(argv or ()))
     required = [action for action in parser._actions if action.required]
     for action in required:
         action.required = False
@@ -242,6 +248,24 @@ def parse_known(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) 
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)}")
     return args, beam_args
+
+
+def refuse_repeated(parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+    """argparse keeps only the last of a repeated single-value option (`--input A --input B` reads only B): a
+    repetition is refused instead (exit 2). Options that take several values (--skip_existing) are not counted."""
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if subparsers and argv and argv[0] in subparsers[0].choices:
+        parser, argv = subparsers[0].choices[argv[0]], argv[1:]
+    single = {option: action for action in parser._actions if type(action) is argparse._StoreAction
+              and action.nargs is None for option in action.option_strings}
+    seen: dict = {}
+    for arg in argv:
+        action = single.get(arg.split("=", 1)[0]) if arg.startswith("--") else None
+        if action is not None:
+            seen[action.dest] = seen.get(action.dest, 0) + 1
+            if seen[action.dest] == 2:
+                parser.error(f"{action.option_strings[0]} was given more than once; it takes one value (give it "
+                             f"once)")
 
 
 def refuse_unknown_args(parser: argparse.ArgumentParser, beam_args: Sequence[str]) -> None:
@@ -281,7 +305,8 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             max_pixels=args.max_image_pixels,
             allow_truncated=args.allow_truncated_images,
         ),
-        read=ReadConfig(max_bytes=args.max_image_bytes, http_timeout_s=args.http_timeout, retries=args.read_retries),
+        read=ReadConfig(max_bytes=args.max_image_bytes, http_timeout_s=args.http_timeout, retries=args.read_retries,
+                        allowed_prefixes=tuple(args.allow_uri_prefix)),
         embed=EmbedConfig(
             handle=spec.handle,
             image_size=spec.input_size,

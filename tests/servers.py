@@ -107,6 +107,7 @@ class WebServer(_Running):
     /busy.jpg    429 with Retry-After: 1, then ok   /timeout.jpg  408 once, then ok
     /trickle.jpg the image, one byte every 50 ms    /always503.jpg 503 forever
     /short.jpg   announces more bytes than it sends and closes, once; then the image
+    /redirect/ANY-URL   302 to ANY-URL
     """
 
     def __init__(self, image: bytes):
@@ -154,6 +155,8 @@ class WebServer(_Running):
                     self.end_headers()
                     self.wfile.write(image)
                     self.close_connection = True
+                elif path.startswith("/redirect/"):
+                    self.send_body(302, b"", "text/plain", [("Location", path[len("/redirect/"):])])
                 elif path == "/missing.jpg":
                     self.send_body(404, b"not here", "text/plain")
                 elif path == "/slow.jpg":

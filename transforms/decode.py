@@ -46,6 +46,9 @@ class PreprocessConfig:
         )
 
 
+TRUNCATED_HINT = " Pass --allow_truncated_images to embed it with the missing part grey."
+
+
 class ImageDecodeError(ValueError):
     """The bytes are not an image this pipeline can embed; the message says why."""
 
@@ -127,7 +130,7 @@ def decode_image(data: bytes, config: PreprocessConfig) -> np.ndarray:
         try:
             image.load()
         except OSError as exc:
-            hint = "" if config.allow_truncated else " Pass --allow_truncated_images to embed it with the missing part grey."
+            hint = "" if config.allow_truncated else TRUNCATED_HINT
             raise ImageDecodeError(
                 f"The image data is corrupt or truncated ({' '.join(str(exc).split())}).{hint}"
             ) from None

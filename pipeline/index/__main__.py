@@ -32,7 +32,8 @@ from pipeline.index.view import WriteSnapshot, index_status
 from pipeline.models import CUSTOM_MODEL, MODELS
 from pipeline.publish.sync import (DEFAULT_ANN_MIN_ROWS, DEFAULT_TABLE, PublishFailed, PublishRefused, publish as
                                    publish_view, target_for)
-from pipeline.options import build_parser, config_from_args, parse_known, positive_int, refuse_unknown_args
+from pipeline.options import (build_parser, config_from_args, parse_known, positive_int, refuse_repeated,
+                              refuse_unknown_args)
 from pipeline.outputs import RUN_REPORT, earlier_results, prepare_output_dir, summarize_outputs
 from pipeline.preflight import check_model, metadata_differences, output_metadata
 from pipeline.report import software_versions
@@ -199,6 +200,7 @@ def status(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.index status", description="Print an index's state.")
     parser.add_argument("--index", required=True, help=INDEX_HELP)
     parser.add_argument("--json", action="store_true", help="Print the state as one JSON object.")
+    refuse_repeated(parser, argv)
     args = parser.parse_args(argv)
     store = _store(args.index)
     identity = store.identity()
@@ -233,6 +235,7 @@ def snapshot(argv: Sequence[str]) -> int:
     parser.add_argument("--index", required=True, help=INDEX_HELP)
     parser.add_argument("--output", required=True)
     parser.add_argument("--overwrite", action="store_true", help="Replace an earlier snapshot in --output.")
+    refuse_repeated(parser, argv)
     args, beam_args = parser.parse_known_args(argv)
     refuse_unknown_args(parser, beam_args)
     configure_logging(False)
@@ -272,6 +275,7 @@ def publish(argv: Sequence[str]) -> int:
     parser.add_argument("--ann_min_rows", type=positive_int, default=DEFAULT_ANN_MIN_ROWS, metavar="N",
                         help="LanceDB: build the IVF-PQ index once the table holds N rows (default: %(default)s); "
                         "PostgreSQL gets its HNSW index at the first publish.")
+    refuse_repeated(parser, argv)
     args = parser.parse_args(argv)
     configure_logging(False)
     if args.to.removeprefix("lancedb://").rstrip("/") == args.index.rstrip("/"):

@@ -114,10 +114,11 @@ class LocalObjects:
 
     @contextlib.contextmanager
     def _exclusive(self, path: str) -> Iterator[None]:
-        """Compare-and-swap of `path` among processes: a kernel lock on its folder (released on death)."""
+        """Compare-and-swap of `path` among processes: a kernel lock (released on death) on a lock file beside it,
+        opened for writing, which NFS needs for an exclusive flock (man 2 flock). Listings skip dotfiles."""
         folder = os.path.dirname(path)
         os.makedirs(folder, exist_ok=True)
-        guard = os.open(folder, os.O_RDONLY)
+        guard = os.open(os.path.join(folder, f".{os.path.basename(path)}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(guard, fcntl.LOCK_EX)
             yield

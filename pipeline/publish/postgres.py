@@ -32,7 +32,21 @@ MAX_INDEXED_DIM = 2000
 
 
 def _masked(url: str) -> str:
-    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
+    """The URL without its password, wherever libpq takes one: `user:pw@`, or a `password=` parameter."""
+    import urllib.parse
+
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # a URL that does not parse shows nothing that could be a secret
+        return f"{url.split('://', 1)[0]}://***"
+    masked = url
+    if parts.password is not None:
+        masked = masked.replace(f":{parts.password}@", ":***@", 1)
+    if parts.query:
+        fields = ["password=***" if field.split("=", 1)[0].lower() == "password" else field
+                  for field in parts.query.split("&")]
+        masked = masked.replace(f"?{parts.query}", "?" + "&".join(fields), 1)
+    return masked
 
 
 def vector_bytes(vectors: np.ndarray) -> list:

@@ -20,6 +20,7 @@ from typing import Sequence
 
 from pipeline.interrupt import exit_with
 from pipeline.models import duplicate_threshold
+from pipeline.options import refuse_repeated
 from pipeline.runtime import configure_logging
 from pipeline.search.collection import CollectionError, from_files, from_index
 from pipeline.search.contact_sheet import draw_contact_sheet, group_rows, query_rows
@@ -53,8 +54,10 @@ def _parser() -> argparse.ArgumentParser:
     query = commands.add_parser("query", help="Nearest neighbours of images or indexed ids.")
     query.add_argument("--index", required=True, help="A search index folder (from search build).")
     asked = query.add_mutually_exclusive_group(required=True)
-    asked.add_argument("--image", nargs="+", metavar="PATH_OR_URI", help="Images to embed with the index's model.")
-    asked.add_argument("--id", nargs="+", metavar="ID", help="Ids already in the index.")
+    asked.add_argument("--image", nargs="+", action="extend", metavar="PATH_OR_URI",
+                       help="Images to embed with the index's model (repeat the flag or list several).")
+    asked.add_argument("--id", nargs="+", action="extend", metavar="ID",
+                       help="Ids already in the index (repeat the flag or list several).")
     query.add_argument("-k", type=int, default=10, help="Neighbours per query (default: %(default)s).")
     query.add_argument("--output", help="Write the hits to FILE.parquet or FILE.json (one row per hit).")
     query.add_argument("--contact_sheet", metavar="FILE.png", help="Draw each query and its hits as a row.")
@@ -170,6 +173,8 @@ def duplicates(args, parser) -> int:
 
 def main(argv: Sequence[str] = None) -> int:
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    refuse_repeated(parser, argv)
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
     try:

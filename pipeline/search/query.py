@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from pipeline.fingerprint import model_fingerprint
 from pipeline.search.store import SearchIndex, write_bytes, write_parquet
-from transforms.decode import RESIZE_MODES, PreprocessConfig, decode_read_bytes
+from transforms.decode import RESIZE_MODES, TRUNCATED_HINT, PreprocessConfig, decode_read_bytes
 from transforms.records import Failure, ImageRef, Stage
 from transforms.uri_reader import ReadConfig, ReadError, read_uri
 
@@ -85,9 +85,14 @@ def embed_images(uris: list, model: dict, handle: Optional[str], read: ReadConfi
 
     def decoded(uri: str):
         try:
-            return decode_read_bytes(ImageRef(uri, uri), read_uri(uri, read), preprocess)
+            result = decode_read_bytes(ImageRef(uri, uri), read_uri(uri, read), preprocess)
         except ReadError as exc:
             return Failure(uri, uri, Stage.READ, str(exc))
+        if isinstance(result, Failure) and TRUNCATED_HINT in result.error:  # the index's preprocessing decides
+            return result._replace(error=result.error.replace(
+                TRUNCATED_HINT, " The index was made without --allow_truncated_images, so its queries refuse "
+                "truncated images too; query with a complete copy."))
+        return result
 
     pixels, kept, failures = [], [], []
     with concurrent.futures.ThreadPoolExecutor(READ_THREADS) as pool:

@@ -12,6 +12,7 @@ write, then deletes the old files: a reader sees the old pair or the new pair, n
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import hashlib
@@ -138,7 +139,7 @@ def _refuse_repeated_ids(prints, items_path: str, collection: Collection) -> Non
     if len(prints):
         _, ids = Items(items_path).rows_with("id", prints)
         if len(set(ids)) < len(ids):
-            repeated = sorted({i for i in ids if ids.count(i) > 1})
+            repeated = sorted(i for i, n in collections.Counter(ids).items() if n > 1)
             raise CollectionError(
                 f"id {repeated[0]!r} appears more than once in {collection.described} ({len(repeated)} ids do): the "
                 f"files hold overlapping runs. Build from one run, a snapshot (python -m pipeline.index snapshot), "
