@@ -26,6 +26,24 @@ T = TypeVar("T")
 INTERRUPTED = 130  # the shell's code for a process ended by Ctrl-C
 
 
+def while_starting() -> None:
+    """Ctrl-C while a command still imports Beam and TensorFlow (seconds) says one line, not an import traceback.
+
+    Nothing has been read or written yet, so there is nothing to clean up; started() hands Ctrl-C back to
+    the command's own handling (KeyboardInterrupt) once its imports are done.
+    """
+    def stop(signum, frame):
+        sys.stderr.write("Interrupted while starting: nothing was read or written.\n")
+        sys.stderr.flush()
+        os._exit(INTERRUPTED)
+
+    signal.signal(signal.SIGINT, stop)
+
+
+def started() -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _descendants() -> set[int]:
     """Pids of every process below this one (from /proc; empty where there is none)."""
     children: dict[int, list[int]] = {}

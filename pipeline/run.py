@@ -6,6 +6,11 @@ model handle); only then is the output folder created or an earlier run's files 
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the seconds of imports below
+    from pipeline.interrupt import while_starting
+
+    while_starting()
+
 import contextlib
 import dataclasses
 import datetime
@@ -28,7 +33,7 @@ from pipeline.engine import (
     verified_artifact,
 )
 from pipeline.fingerprint import model_fingerprint
-from pipeline.interrupt import INTERRUPTED, exit_with, run_interruptibly, run_to_end
+from pipeline.interrupt import INTERRUPTED, exit_with, run_interruptibly, run_to_end, started
 from pipeline.models import MODELS
 from pipeline.options import DEFAULT_BATCH, JobConfig, parse_args
 from pipeline.outputs import RUN_REPORT, OutputDirError, earlier_results, prepare_output_dir, summarize_outputs
@@ -216,4 +221,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    started()
     exit_with(main())

@@ -1,11 +1,13 @@
 """What a manifest may make a worker read, and the smaller promises at the edges: every --help works, a repeated
 flag is refused or taken whole, passwords never printed, a model's NaN costs its image, a failed remote job is
-one line."""
+one line, Ctrl-C while starting is one line too."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -23,6 +25,17 @@ def test_every_commands_help_exits_0(command):
     done = subprocess.run([sys.executable, "-m", *command, "--help"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage:" in done.stdout
+
+
+@pytest.mark.parametrize("module", ["pipeline.run", "pipeline.index", "pipeline.search"])
+def test_ctrl_c_while_a_command_imports_says_one_line_and_exits_130(module):
+    command = subprocess.Popen([sys.executable, "-m", module, "--help"], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    time.sleep(0.6)  # inside the imports of Beam (about 2 s), well after the handler is set
+    command.send_signal(signal.SIGINT)
+    out, err = command.communicate(timeout=60)
+    assert command.returncode == 130 and not out
+    assert err == "Interrupted while starting: nothing was read or written.\n"
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +150,29 @@ def test_a_failed_remote_job_under_index_update_is_one_line_and_exit_1(tmp_path,
     assert index_main(["update", "--index", str(root), "--input", manifest, "--direct_running_mode=in_memory",
                        "--progress_interval=0"]) == 1
     assert capsys.readouterr().err.strip().splitlines()[-1] == "error: The job failed on DataflowRunner: worker lost."
+
+
+def test_an_index_is_not_created_on_a_filesystem_without_hard_links(tmp_path, mobilenet_handle, monkeypatch, capsys):
+    import errno
+    import os
+
+    from pipeline.index.__main__ import main as index_main
+
+    if os.path.isdir("/dev/shm"):  # tmpfs has both: accepted, and the probe leaves nothing behind
+        shm = f"/dev/shm/index-probe-{os.getpid()}"
+        try:
+            assert index_main(["create", "--index", shm, "--model_handle", mobilenet_handle]) == 0
+            assert sorted(os.listdir(shm)) == ["index.json"]
+        finally:
+            import shutil
+            shutil.rmtree(shm, ignore_errors=True)
+
+    def refused(source, target):  # what gcsfuse and s3fs answer a link(2)
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(os, "link", refused)
+    root = tmp_path / "mounted-bucket" / "index"
+    assert index_main(["create", "--index", str(root), "--model_handle", mobilenet_handle]) == 2
+    err = capsys.readouterr().err
+    assert "refuses hard links or file locks" in err and "gcsfuse" in err and "gs:// directly" in err
+    assert os.listdir(root) == []  # no index.json: nothing half-created, and no probe left

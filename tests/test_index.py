@@ -229,3 +229,56 @@ def test_skip_existing_takes_several_earlier_runs_and_a_copy_of_the_model(tmp_pa
         out = tmp_path / "out3" / str(len(skip))
         assert run_pipeline("--input", str(folder), "--output", str(out), "--model_handle", str(copy), *skip) == 0
         assert sorted(read_embeddings(str(out)).column("id").to_pylist()) == paths[4:]
+
+
+def test_bytes_that_do_not_decode_are_not_read_again_until_their_object_changes(tmp_path, mobilenet_handle, capsys,
+                                                                                  monkeypatch):
+    import transforms.decode
+    import transforms.uri_reader
+
+    monkeypatch.setattr(transforms.uri_reader, "SETTLED_S", 0)  # the files below are seconds old
+    read = []
+    real_read = transforms.decode.read_uri
+    monkeypatch.setattr(transforms.decode, "read_uri", lambda uri, config: read.append(uri) or real_read(uri, config))
+    root = tmp_path / "index"
+    good = tiles(tmp_path / "imgs", 1)[0]
+    broken, missing = tmp_path / "imgs" / "broken.jpg", str(tmp_path / "imgs" / "not-yet-uploaded.jpg")
+    broken.write_bytes(b"<html>login</html>")
+    manifest = write_manifest(tmp_path / "m.csv", [("good", good), ("broken", str(broken)), ("missing", missing)])
+    new_index(root, mobilenet_handle)
+    nightly = ["--input", manifest, "--index", str(root), "--model_handle", mobilenet_handle]
+
+    assert update(*nightly) == 0
+    assert "1 embedded in 1 run, 0 already embedded, 2 failed (1 for good" in capsys.readouterr().out
+    read.clear()
+    assert update(*nightly) == 0  # the same night again: the 404 is read again, the broken bytes are not
+    assert "0 embedded in 1 run, 1 already embedded, 2 failed (1 for good: bytes that do not decode, not read again " \
+           "until they change; 1 of them were not read tonight)." in capsys.readouterr().out
+    assert read == [missing]
+    state = status(root, capsys)
+    assert (state["failed"], state["failed_for_good"]) == (2, 1)
+    assert index_main(["status", "--index", str(root)]) == 0
+    assert "failed: 1 to be read again by the next update (a read that failed, or bytes that changed), 1 for good" \
+           in capsys.readouterr().out
+    last = IndexStore(str(root)).latest_update(IndexStore(str(root)).log()).body["update"]
+    [carried] = pq.read_table(glob.glob(f"{root}/updates/{last}/errors-*.parquet")).to_pylist()
+    assert carried["id"] == "broken" and carried["stage"] == "decode"
+    assert carried["error"].startswith("Unchanged since it failed, not read again: Not a supported image")
+
+    shutil.copy(good, broken)  # fixed in place: a new version of the object
+    read.clear()
+    assert update(*nightly) == 0
+    assert sorted(read) == sorted([str(broken), missing])
+    assert sorted(vectors_by_id(snapshot(root, tmp_path / "snap"))) == ["broken", "good"]
+    state = status(root, capsys)
+    assert (state["failed"], state["failed_for_good"]) == (1, 0)
+
+
+def test_a_failure_of_an_object_written_moments_ago_is_read_again(tmp_path):
+    from transforms.uri_reader import settled_version
+
+    fresh = tmp_path / "still-uploading.jpg"
+    fresh.write_bytes(b"partial")
+    assert settled_version(str(fresh)) is None  # it may still be changing: no version, so read again
+    assert settled_version(str(tmp_path / "absent.jpg")) is None
+    assert settled_version("https://example.com/a.jpg") is None

@@ -99,7 +99,7 @@ def test_sha256_column_is_the_digest_of_each_input_file(mobilenet_job):
 
 def test_errors_schema(mobilenet_job):
     files = glob.glob(os.path.join(mobilenet_job["out"], "errors-*.parquet"))
-    assert pq.read_schema(files[0]).names == ["id", "uri", "stage", "error"]
+    assert pq.read_schema(files[0]).names == ["id", "uri", "stage", "error", "bytes_version"]
 
 
 def test_mobilenet_embeddings_equal_direct_model_calls(mobilenet_job):

@@ -13,7 +13,7 @@ import gc
 import hashlib
 import io
 import threading
-from typing import Union
+from typing import Callable, Optional, Union
 
 import apache_beam as beam
 import numpy as np
@@ -21,7 +21,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.records import FAILED, DecodedImage, Failure, ImageRef, Stage, describe_exception
-from transforms.uri_reader import ReadConfig, ReadError, read_uri
+from transforms.uri_reader import ReadConfig, ReadError, read_uri, settled_version
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
 RESIZE_MODES = ("stretch", "center_crop")
@@ -230,20 +230,24 @@ def _read_bytes(ref: ImageRef, read: ReadConfig) -> Union[bytes, Failure]:
         return Failure(ref.id, ref.uri, Stage.READ, f"Could not read {ref.uri} ({describe_exception(exc)}).")
 
 
-def decode_read_bytes(ref: ImageRef, data: bytes, preprocess: PreprocessConfig) -> Union[DecodedImage, Failure]:
-    """Decoded pixels or a decode Failure; an image that keeps exhausting memory is reported, not retried forever."""
+def decode_read_bytes(ref: ImageRef, data: bytes, preprocess: PreprocessConfig,
+                      version: Callable[[], Optional[str]] = lambda: None) -> Union[DecodedImage, Failure]:
+    """Decoded pixels or a decode Failure; an image that keeps exhausting memory is reported, not retried forever.
+
+    A failure of the bytes themselves carries `version()`, the object's version (a memory failure does not)."""
     for attempt in range(1, MEMORY_ATTEMPTS + 1):
         try:
             return DecodedImage(ref.id, ref.uri, decode_image(data, preprocess), hashlib.sha256(data).hexdigest())
         except ImageDecodeError as exc:
-            return Failure(ref.id, ref.uri, Stage.DECODE, str(exc))
+            return Failure(ref.id, ref.uri, Stage.DECODE, str(exc), version())
         except MemoryError:
             gc.collect()  # other images' memory may free up; a deterministic blow-up ends as a failure row
             if attempt == MEMORY_ATTEMPTS:
                 return Failure(ref.id, ref.uri, Stage.DECODE,
                                f"Ran out of memory decoding this image {MEMORY_ATTEMPTS} times.")
         except Exception as exc:  # corrupt files make PIL raise many types; each is this input's fault
-            return Failure(ref.id, ref.uri, Stage.DECODE, f"The image could not be decoded ({describe_exception(exc)}).")
+            return Failure(ref.id, ref.uri, Stage.DECODE, f"The image could not be decoded ({describe_exception(exc)}).",
+                           version())
     raise AssertionError("unreachable")
 
 
@@ -281,7 +285,9 @@ class DecodeImagesFn(beam.DoFn):
         data = _read_bytes(ref, self._read)
         if isinstance(data, Failure):
             return data
-        return self._decode_pool.submit(decode_read_bytes, ref, data, self._preprocess).result()
+        # Stat'ed after the read, so an object rewritten in between is fresh and gets no version.
+        version = (lambda: None) if ref.data is not None else (lambda: settled_version(ref.uri))
+        return self._decode_pool.submit(decode_read_bytes, ref, data, self._preprocess, version).result()
 
     def process(self, ref: ImageRef, window=beam.DoFn.WindowParam, timestamp=beam.DoFn.TimestampParam):
         self._in_flight.append((self._read_pool.submit(self._read_then_decode, ref), window, timestamp))

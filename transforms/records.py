@@ -46,6 +46,9 @@ class Failure(NamedTuple):
     uri: str
     stage: str
     error: str
+    # For a failure the bytes alone decide (they do not decode): the object's version then (settled_version);
+    # an index does not read that (id, uri) again while its version stays the same.
+    bytes_version: Optional[str] = None
 
 
 def describe_exception(exc: BaseException) -> str:

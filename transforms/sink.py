@@ -64,6 +64,7 @@ ERRORS_SCHEMA = pa.schema(
         pa.field("uri", pa.string()),
         pa.field("stage", pa.string(), nullable=False),
         pa.field("error", pa.string(), nullable=False),
+        pa.field("bytes_version", pa.string()),
     ]
 )
 

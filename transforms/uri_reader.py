@@ -88,6 +88,35 @@ def read_uri(uri: str, config: ReadConfig = ReadConfig()) -> bytes:
     return with_retries(lambda: read(uri, config), uri, config)
 
 
+# A version recorded for a failure must have stood this long before it was read: an object still being written
+# (or replaced by a copy that kept an old mtime: its change time is new) is read again the next night.
+SETTLED_S = 600
+
+
+def settled_version(uri: str) -> Optional[str]:
+    """A token that changes whenever the object at `uri` is rewritten, from its metadata alone (no bytes read);
+    None when there is no such token (http(s), where ETags promise too little), the object cannot be stat'ed, or it
+    changed less than SETTLED_S ago. Local files: size, mtime, inode and change time; other Beam filesystems
+    (gs://, s3://): size and last update time, which every rewrite of an object sets."""
+    import os
+
+    from apache_beam.io.filesystems import FileSystems
+
+    scheme = scheme_of(uri)
+    try:
+        if scheme in ("", "file"):
+            info = os.stat(urllib.parse.unquote(urllib.parse.urlsplit(uri).path) if scheme else uri)
+            token, changed = f"{info.st_size}:{info.st_mtime_ns}:{info.st_ino}:{info.st_ctime_ns}", info.st_ctime
+        elif scheme in FILESYSTEM_SCHEMES:
+            [found] = FileSystems.match([uri])[0].metadata_list
+            token, changed = f"{found.size_in_bytes}:{found.last_updated_in_seconds}", found.last_updated_in_seconds
+        else:
+            return None
+    except Exception:  # unknown is safe: the input is read again
+        return None
+    return token if changed < time.time() - SETTLED_S else None
+
+
 # Cloud metadata servers: what a VM's credentials are read from. Never a source of images.
 _METADATA_HOSTS = ("metadata.google.internal", "metadata", "169.254.169.254", "fd00:ec2::254")
 

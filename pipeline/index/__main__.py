@@ -14,6 +14,11 @@ failures than --max_error_rate, 130 interrupted. See pipeline/index/store.py for
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the seconds of imports below
+    from pipeline.interrupt import while_starting
+
+    while_starting()
+
 import argparse
 import dataclasses
 import json
@@ -37,7 +42,7 @@ from pipeline.options import (build_parser, config_from_args, parse_known, posit
 from pipeline.outputs import RUN_REPORT, earlier_results, prepare_output_dir, summarize_outputs
 from pipeline.preflight import check_model, metadata_differences, output_metadata
 from pipeline.report import software_versions
-from pipeline.interrupt import INTERRUPTED, exit_with
+from pipeline.interrupt import INTERRUPTED, exit_with, started
 from pipeline.run import PREFLIGHT_ERRORS, JobFailed, check_workers_reach, choose_engine, run
 from pipeline.standin_models import STANDIN_WARNING
 from pipeline.runtime import configure_logging, is_local_runner
@@ -78,6 +83,7 @@ def create(argv: Sequence[str]) -> int:
     if not store.is_empty():
         raise IndexRefused(f"{store.root} holds files and is not an index; create the index in a new or empty folder.")
     check_model(config.embed, MODELS[config.model.name].resizable if config.model.name in MODELS else True)
+    store.objects.check_conditional_writes(store.root)
     identity = store.create_identity(output_metadata(config))
     print(f"Created index {store.root}: {identity['model']} ({identity['image_size']}x{identity['image_size']}, dim "
           f"{identity['dim']}), {identity['fingerprint']}, {identity['precision']}.")
@@ -164,8 +170,9 @@ def update(argv: Sequence[str]) -> int:
     print(f"Index {store.root} updated from {plural(usable + counts.refused, 'input row')}: {counts.new} new, "
           f"{counts.updated} updated, {counts.unchanged} unchanged, {counts.retried} retried, {counts.refused} "
           f"refused; {counts.removed} removed.")
-    print(f"  {outcome.embedded} embedded in {plural(outcome.runs, 'run')}, {usable - counts.to_embed} already "
-          f"embedded, {failed} failed.")
+    already = usable - counts.to_embed - counts.unchanged_failures
+    print(f"  {outcome.embedded} embedded in {plural(outcome.runs, 'run')}, {already} already embedded, {failed} "
+          f"failed{_for_good(outcome.failed_for_good, counts.unchanged_failures)}.")
     if identity.get("weights", "").startswith("STAND-IN"):
         print(f"WARNING: the index holds vectors of a {STANDIN_WARNING}.")
     if failed:
@@ -177,6 +184,13 @@ def update(argv: Sequence[str]) -> int:
               file=sys.stderr)
         return 3
     return 0
+
+
+def _for_good(failed_for_good: int, unchanged: int) -> str:
+    if not failed_for_good:
+        return ""
+    return (f" ({failed_for_good} for good: bytes that do not decode, not read again until they change; "
+            f"{unchanged} of them were not read tonight)")
 
 
 def _index_arg(argv: Sequence[str]) -> Optional[str]:
@@ -217,6 +231,10 @@ def status(argv: Sequence[str]) -> int:
         print(f"  weights: {identity['weights']}")
     print(f"  runs: {state.runs} from {plural(state.updates, 'update')}; last update: {state.last_update or 'none'}")
     print(f"  live ids: {state.live_ids} ({state.embedded} embedded, {state.failed} failed)")
+    if state.failed:
+        print(f"  failed: {state.failed - state.failed_for_good} to be read again by the next update (a read that "
+              f"failed, or bytes that changed), {state.failed_for_good} for good (bytes that do not decode: read "
+              f"again only once their object changes)")
     print(f"  superseded vectors: {state.superseded_vectors}; removed ids: {state.removed_ids}")
     if state.running_update:
         print(f"  running now: update {state.running_update}")
@@ -320,4 +338,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    started()
     exit_with(main())

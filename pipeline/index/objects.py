@@ -112,6 +112,28 @@ class LocalObjects:
             os.unlink(temporary)
         return self.read(path)
 
+    def check_conditional_writes(self, folder: str) -> None:
+        """Refuses a folder whose filesystem cannot create-if-absent (hard links) or lock (flock), before an index
+        is created there. gcsfuse and s3fs refuse hard links: every commit would fail, or worse, without them."""
+        os.makedirs(folder, exist_ok=True)
+        probe = self._write_new(os.path.join(folder, ".probe"), b"")
+        linked = f"{probe}-linked"
+        try:
+            os.link(probe, linked)
+            os.unlink(linked)
+            with self._exclusive(probe):
+                pass
+        except OSError as exc:
+            raise UnsupportedStore(
+                f"{folder} is on a filesystem that refuses hard links or file locks ({exc.strerror}), which the "
+                f"index's conditional writes need; gcsfuse and s3fs mounts are such filesystems. Keep the index on "
+                f"gs:// directly or on a local or NFS disk (the inputs it embeds may live anywhere)."
+            ) from None
+        finally:
+            for leftover in (probe, linked, os.path.join(folder, f".{os.path.basename(probe)}.lock")):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
+
     @contextlib.contextmanager
     def _exclusive(self, path: str) -> Iterator[None]:
         """Compare-and-swap of `path` among processes: a kernel lock (released on death) on a lock file beside it,
@@ -218,6 +240,9 @@ class GcsObjects:
     @staticmethod
     def _version(blob, data: bytes) -> Version:
         return Version(data, str(blob.generation), blob.updated.timestamp())
+
+    def check_conditional_writes(self, folder: str) -> None:
+        """Always met: every write of an object takes a generation precondition."""
 
     @_reported("Reading")
     def read(self, path: str) -> Optional[Version]:

@@ -3,7 +3,10 @@
 Joins the input (read with the pipeline's own source, duplicate rule included) with the last update's live
 set and the (id, uri) of every committed vector. An input is embedded when no committed vector has its
 (id, uri): new ids, ids whose uri changed, inputs that failed before, and inputs whose run was interrupted.
-Vectors are never read here, only their id and uri columns.
+Vectors are never read here, only their id and uri columns. An input whose bytes did not decode before is not
+read again while its object's version (size and modification time, uri_reader.settled_version) stays the one
+that failed: stat'ed here, it costs a metadata request, not a download and a decode, every night. Inputs
+that failed to be read (a 404, a timeout) are transient and read again.
 """
 
 from __future__ import annotations
@@ -25,13 +28,17 @@ from pipeline.index.store import IndexStore, LogEntry
 from pipeline.interrupt import run_interruptibly, run_to_end
 from pipeline.options import JobConfig
 from pipeline.runtime import is_local_runner
-from transforms.records import FAILED
+from transforms.records import FAILED, Failure
 from transforms.sink import WriteErrors
 from transforms.source import ReadImageRefs
+from transforms.uri_reader import settled_version
 
 NAMESPACE = "index"
-KINDS = ("new", "updated", "unchanged", "retried", "removed", "to_embed")
+KINDS = ("new", "updated", "unchanged", "retried", "removed", "to_embed", "unchanged_failures")
 PAIRS_SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False), pa.field("uri", pa.string())])
+FAILED_SCHEMA = pa.schema([*PAIRS_SCHEMA, pa.field("stage", pa.string()), pa.field("error", pa.string()),
+                           pa.field("bytes_version", pa.string())])
+STAT_THREADS = 16
 BUCKET_ROWS = 500_000  # rows of all sides a bucket of the planning join holds, about
 
 
@@ -43,6 +50,7 @@ class PlanCounts:
     retried: int = 0  # live ids with the same uri and no vector yet (failed or interrupted before)
     removed: int = 0  # live ids no longer in the input
     to_embed: int = 0  # inputs without a committed vector for their (id, uri)
+    unchanged_failures: int = 0  # inputs whose unchanged bytes did not decode before: not read again
     refused: int = 0  # manifest rows that are no input (bad rows, repeated ids)
 
 
@@ -76,10 +84,12 @@ class _Classify(beam.DoFn):
         import pyarrow.compute as pc
 
         _, parts = bucket_and_parts
-        sides = {"input": [], "previous_live": [], "vectors": []}
+        sides = {"input": [], "previous_live": [], "vectors": [], "failed": []}
         for side, table in parts:
             sides[side].append(table)
-        inputs, previous, vectors = (concat(sides[side], PAIRS_SCHEMA) for side in sides)
+        inputs, previous, vectors = (concat(sides[side], PAIRS_SCHEMA) for side in ("input", "previous_live",
+                                                                                     "vectors"))
+        failed = concat(sides["failed"], FAILED_SCHEMA)
         embedded = vectors.group_by(["id", "uri"]).aggregate([])
         embedded = embedded.append_column("embedded", pa.array(np.ones(embedded.num_rows, bool)))
         rows = inputs.join(embedded, ["id", "uri"], join_type="left outer").join(
@@ -95,14 +105,75 @@ class _Classify(beam.DoFn):
             "removed": previous.join(inputs.select(["id"]), "id", join_type="left anti").num_rows,
         }
         todo = rows.filter(pc.invert(done)).select(["id", "uri"])
+        recheck = todo.join(failed, ["id", "uri"], join_type="inner")  # each version that failed before
+        todo = todo.join(recheck.select(["id", "uri"]), ["id", "uri"], join_type="left anti")
         counts["to_embed"] = todo.num_rows
         for kind, count in counts.items():
             if count:
                 self._counters[kind].inc(count)
         if inputs.num_rows:
             yield beam.pvalue.TaggedOutput("live", inputs.cast(PAIRS_SCHEMA))
+        if recheck.num_rows:
+            yield beam.pvalue.TaggedOutput("recheck", recheck.cast(FAILED_SCHEMA))
         if todo.num_rows:
             yield todo.cast(PAIRS_SCHEMA)
+
+
+class _ChangedSinceFailing(beam.DoFn):
+    """Rows of earlier failures (id, uri, a version that failed) -> the (id, uri) whose object is no longer at
+    any version that failed: to embed. The others are not read: their failure is this update's again (output
+    "unchanged"), with the reason it failed first."""
+
+    def __init__(self):
+        self._counters = {kind: Metrics.counter(NAMESPACE, kind) for kind in ("to_embed", "unchanged_failures")}
+
+    def setup(self):
+        import concurrent.futures
+
+        self._pool = concurrent.futures.ThreadPoolExecutor(STAT_THREADS, thread_name_prefix="stat")
+
+    def teardown(self):
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def process(self, table):
+        failed_versions: dict = {}
+        for row in table.to_pylist():
+            failed_versions.setdefault((row["id"], row["uri"]), {})[row["bytes_version"]] = row
+        pairs = list(failed_versions)
+        changed = []
+        for pair, version in zip(pairs, self._pool.map(lambda pair: settled_version(pair[1]), pairs)):
+            before = failed_versions[pair].get(version)
+            if before is None:
+                changed.append(pair)
+            else:
+                self._counters["unchanged_failures"].inc()
+                yield beam.pvalue.TaggedOutput("unchanged", Failure(
+                    *pair, before["stage"], f"Unchanged since it failed, not read again: {before['error']}", version))
+        if changed:
+            self._counters["to_embed"].inc(len(changed))
+            yield _pairs_of(changed)
+
+
+def read_failed_versions(path: str):
+    """(id, uri, bytes_version) of the failures in an errors file that carry a version (errors files written
+    before versions were recorded have none)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        errors = pq.ParquetFile(f, pre_buffer=False)
+        if "bytes_version" not in errors.schema_arrow.names:
+            return
+        for batch in errors.iter_batches(columns=list(FAILED_SCHEMA.names), batch_size=65536):
+            table = pa.Table.from_batches([batch])
+            table = table.filter(pc.is_valid(table.column("bytes_version")))
+            if table.num_rows:
+                yield table.cast(FAILED_SCHEMA)
+
+
+def failed_for_good(paths: Sequence[str]) -> int:
+    """How many failures in these errors files carry a version: not read again while it stays the same."""
+    return sum(table.num_rows for path in paths for table in read_failed_versions(path))
 
 
 def _write_pairs(prefix: str) -> beam.PTransform:
@@ -121,6 +192,7 @@ def plan_update(
     last = store.latest_update(entries)
     live_files = store.live_files(last) if last else []
     vector_files = [path for run in store.committed_runs(entries) for path in store.run_files(run)]
+    error_files = [path for run in store.committed_runs(entries) for path in store.run_files(run, "errors")]
     buckets = bucket_count(live_files + vector_files)
     options = PipelineOptions(list(beam_args))
     p = beam.Pipeline(options=options)
@@ -133,13 +205,18 @@ def plan_update(
         | "BucketLive" >> beam.ParDo(ToBuckets("previous_live", buckets)),
         p | "VectorFiles" >> beam.Create(vector_files) | "Spread" >> beam.Reshuffle()
         | "ReadVectorIds" >> beam.FlatMap(read_pair_tables) | "BucketVectors" >> beam.ParDo(ToBuckets("vectors", buckets)),
+        p | "ErrorFiles" >> beam.Create(error_files) | "ReadFailedVersions" >> beam.FlatMap(read_failed_versions)
+        | "BucketFailed" >> beam.ParDo(ToBuckets("failed", buckets)),
     )
     plan = (parts | "AllSides" >> beam.Flatten() | "GroupByBucket" >> beam.GroupByKey()
-            | "Classify" >> beam.ParDo(_Classify()).with_outputs("live", main="todo"))
+            | "Classify" >> beam.ParDo(_Classify()).with_outputs("live", "recheck", main="todo"))
+    rechecked = plan.recheck | "StatFailedBefore" >> beam.ParDo(_ChangedSinceFailing()).with_outputs(
+        "unchanged", main="changed")
     _ = plan.live | "WriteLive" >> _write_pairs(FileSystems.join(folder, "live"))
-    _ = plan.todo | "WriteTodo" >> _write_pairs(FileSystems.join(folder, "todo"))
+    _ = ((plan.todo, rechecked.changed) | "AllTodo" >> beam.Flatten()
+         | "WriteTodo" >> _write_pairs(FileSystems.join(folder, "todo")))
     refused = inputs[FAILED] | "CountRefused" >> beam.Map(_count_refused)
-    _ = refused | "WriteRefused" >> WriteErrors(folder)
+    _ = (refused, rechecked.unchanged) | "AllFailures" >> beam.Flatten() | "WriteErrors" >> WriteErrors(folder)
     result, _ = run_interruptibly(lambda: run_to_end(p), local_workers=is_local_runner(options))
     found = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
     totals = {kind: 0 for kind in (*KINDS, "refused")}

@@ -14,7 +14,7 @@ import socket
 from typing import Callable, Optional, Sequence
 
 from pipeline.index.lease import UpdateLease
-from pipeline.index.plan import PlanCounts, plan_update, write_chunks
+from pipeline.index.plan import PlanCounts, failed_for_good, plan_update, write_chunks
 from pipeline.index.store import IndexRefused, IndexStore, LogEntry, new_name
 from pipeline.index.view import ViewChanges, changes_since
 from pipeline.options import JobConfig
@@ -71,6 +71,7 @@ class UpdateOutcome:
     runs: int
     embedded: int
     failed: int
+    failed_for_good: int  # of `failed`, inputs whose bytes did not decode: not read again until they change
 
 
 def check_removals(counts: PlanCounts, limit: RemovalLimit) -> None:
@@ -139,7 +140,7 @@ def update_index(
         say(f"Planned: {counts.new} new, {counts.updated} updated, {counts.unchanged} unchanged, {counts.removed} "
             f"removed, {counts.retried} retried; {plural(counts.to_embed, 'input')} to embed in "
             f"{plural(len(chunks), 'run')} of at most {run_size:,}.")
-        embedded, failed = 0, counts.refused
+        embedded, failed, for_good = 0, counts.refused + counts.unchanged_failures, counts.unchanged_failures
         for number, chunk in enumerate(chunks, start=1):
             run_name = f"{name}-{number:05d}"
             run_config = dataclasses.replace(config, input=chunk, output_dir=store.run_dir(run_name),
@@ -160,13 +161,15 @@ def update_index(
             crashpoints.reach("update.run_committed")
             embedded += run_counts["embedded"]
             failed += run_counts["errors"]
+            for_good += failed_for_good(store.parquet_files(store.run_dir(run_name), "errors"))
             say(f"Run {number}/{len(chunks)} finished: {run_counts['embedded']} embedded, {run_counts['errors']} "
                 f"failed.")
         body = {"kind": "update", "update": name, "input": config.input,
-                "counts": {**dataclasses.asdict(counts), "embedded": embedded, "failed": failed}}
+                "counts": {**dataclasses.asdict(counts), "embedded": embedded, "failed": failed,
+                           "failed_for_good": for_good}}
         committed = [*store.log(), LogEntry(seq + 1, body)]  # the log as it would be after this commit
         check_view_loss(changes_since(store, committed, [len(entries)]), max_removed, len(chunks))
         lease.verify()
         crashpoints.reach("update.before_commit")
         store.append(seq + 1, body)
-    return UpdateOutcome(name, counts, len(chunks), embedded, failed)
+    return UpdateOutcome(name, counts, len(chunks), embedded, failed, for_good)

@@ -30,6 +30,7 @@ class IndexStatus:
     live_ids: int  # ids in the input as of the last finished update
     embedded: int  # live ids with a vector: the current view
     failed: int  # live ids without a vector (their last attempt failed)
+    failed_for_good: int  # of `failed`, those whose bytes do not decode: not read again until they change
     superseded_vectors: int  # vectors of finished updates not in the current view
     removed_ids: int  # ids with vectors of finished updates that are no longer live
     pending_vectors: int  # vectors of committed runs of an update that did not finish (the next one uses them)
@@ -168,6 +169,7 @@ def index_status(store: IndexStore, running_update: Optional[str] = None) -> Ind
         live_ids=totals["live"],
         embedded=totals["current"],
         failed=totals["live"] - totals["current"],
+        failed_for_good=last.body.get("counts", {}).get("failed_for_good", 0) if last else 0,
         superseded_vectors=totals["settled"] - totals["settled_current"],
         removed_ids=totals["removed"],
         pending_vectors=totals["pending"],

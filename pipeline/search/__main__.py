@@ -12,13 +12,18 @@ Similarity is cosine similarity (the inner product of L2-normalised vectors). Ex
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, before the seconds of imports below
+    from pipeline.interrupt import while_starting
+
+    while_starting()
+
 import argparse
 import sys
 import time
 from typing import Optional
 from typing import Sequence
 
-from pipeline.interrupt import exit_with
+from pipeline.interrupt import exit_with, started
 from pipeline.models import duplicate_threshold
 from pipeline.options import refuse_repeated
 from pipeline.runtime import configure_logging
@@ -189,4 +194,5 @@ def main(argv: Sequence[str] = None) -> int:
 
 
 if __name__ == "__main__":
+    started()
     exit_with(main())
