@@ -484,3 +484,14 @@ def test_an_index_of_stand_in_vectors_says_its_similarities_mean_nothing(tmp_pat
     assert search(["build", "--embeddings", str(tmp_path / "run" / "*.parquet"), "--output", str(tmp_path / "i")]) == 0
     assert search(["query", "--index", str(tmp_path / "i"), "--id", "img00001"]) == 0
     assert "random-weight stand-in model: similarities are NOT meaningful" in capsys.readouterr().err
+
+
+def test_a_budget_nothing_fits_is_refused_naming_the_smallest_layout_it_tried():
+    from pipeline.search.vector_index import DIMS_PER_CODE_BYTE, MemoryBudgetError, choose_layout, list_count
+
+    with pytest.raises(MemoryBudgetError) as refused:
+        choose_layout("auto", 500_000, 1664, 2**30)
+    message = str(refused.value)
+    smallest_codes = 1664 // max(DIMS_PER_CODE_BYTE)
+    assert f"IVF{list_count(500_000) // 4},PQ{2 * smallest_codes}x4fs" in message  # fewest lists, smallest codes
+    assert "more than --max_memory 1.00 GB" in message and "about 1.00 GB" not in message  # 1,060 MiB is not 1.0

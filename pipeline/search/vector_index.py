@@ -77,7 +77,8 @@ def parse_size(text: str) -> int:
 def human(size: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if size < 1024 or unit == "TB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+            return f"{size:.2f} {unit}" if unit in ("GB", "TB") else f"{size:.1f} {unit}" if unit != "B" else \
+                f"{int(size)} B"
         size /= 1024
     raise AssertionError
 
@@ -147,8 +148,8 @@ def choose_layout(kind: str, count: int, dim: int, max_memory: Optional[int]) ->
         if max_memory is None:
             return layouts[0]
         fitting = [layout for layout in layouts if layout.build_memory <= max_memory]
-        return fitting[0] if fitting else min(
-            layouts, key=lambda layout: layout.build_memory)
+        # None fits: the refusal names the smallest layout (ties in build memory, set by training, go to smaller codes)
+        return fitting[0] if fitting else min(layouts, key=lambda layout: (layout.build_memory, layout.memory))
 
     if kind == "auto":
         small = count < EXACT_UP_TO
