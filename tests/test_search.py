@@ -285,6 +285,7 @@ def test_approximate_index_is_tuned_for_recall_and_agrees_with_exact_search(tmp_
     with open(tmp_path / "ann" / "search.json") as f:
         index = json.load(f)["index"]
     assert index["kind"] == "ann" and index["tuned_recall_at_10"] >= 0.97 and index["nprobe"] < index["lists"]
+    assert index["held_out_queries"] == 400 and 0.9 <= index["held_out_recall_at_10"] <= 1
     pairs = {}
     for kind in ("ann", "exact"):  # near-duplicate pairs: every one, on both kinds
         opened = open_search_index(str(tmp_path / kind))
@@ -356,7 +357,7 @@ def test_max_memory_picks_the_kind_that_fits_a_corpus():
 
 
 def test_max_memory_shrinks_the_codes_and_refuses_what_cannot_fit_before_any_work(tmp_path, capsys):
-    from pipeline.search.vector_index import Layout, human
+    from pipeline.search.vector_index import Layout, human, list_count
 
     _synthetic_run(str(tmp_path / "run"), 6000, dim=64)
     files = str(tmp_path / "run" / "embeddings-*.parquet")
@@ -364,7 +365,7 @@ def test_max_memory_shrinks_the_codes_and_refuses_what_cannot_fit_before_any_wor
     assert search(["build", "--embeddings", files, "--output", str(tmp_path / "tight"), "--kind", "compressed",
                    "--max_memory", str(short)]) == 0
     index = json.loads((tmp_path / "tight" / "search.json").read_text())["index"]
-    assert index["kind"] == "compressed" and index["lists"] == 75  # the 150 lists' training sample would not fit
+    assert index["kind"] == "compressed" and index["lists"] == list_count(6000) // 2  # the full sample would not fit
     capsys.readouterr()
     assert search(["build", "--embeddings", files, "--output", str(tmp_path / "exact"), "--kind", "exact",
                    "--max_memory", "100MB"]) == 2

@@ -108,7 +108,9 @@ def build(args) -> int:
     manifest = build_search_index(collection, args.output, args.kind, args.overwrite, _say, args.max_memory)
     index = manifest["index"]
     detail = "" if index["kind"] == "exact" else (f", {index['lists']} lists, {index['nprobe']} probed, "
-                                                  f"recall@10 {index['tuned_recall_at_10']} on sample queries")
+                                                  f"recall@10 {index['tuned_recall_at_10']} on the tuning queries"
+                                                  + (f", {index['held_out_recall_at_10']} held out"
+                                                     if "held_out_recall_at_10" in index else ""))
     if index["kind"] == "compressed":
         detail += f", {index['code_bytes']} bytes a vector, {index['rerank_depth']}x re-ranked from disk"
     detail += f", {human(index['memory_bytes'])} in memory"

@@ -91,9 +91,14 @@ def normalised(vectors: np.ndarray) -> np.ndarray:
     return vectors
 
 
+def query_count(count: int) -> int:
+    """Vectors set apart from training to tune the probes, and as many again to measure the result."""
+    return min(TUNING_QUERIES, count // 10)
+
+
 def list_count(count: int) -> int:
     """Inverted lists for `count` vectors: about 4 sqrt(n), and at least 40 training vectors per list."""
-    return max(1, min(int(4 * np.sqrt(count)), count // TRAINING_PER_LIST))
+    return max(1, min(int(4 * np.sqrt(count)), (count - 2 * query_count(count)) // TRAINING_PER_LIST))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +129,9 @@ class Layout:
     def build_memory(self) -> int:
         """Bytes a build process holds at its peak: the process, a batch being read, and the larger of training
         (the sample, and for compressed codes faiss's residuals of it, plus k-means scratch) and the filled index."""
-        sample = 0 if self.kind == "exact" else min(self.count, self.lists * TRAINING_PER_LIST) * self.dim * 4
+        queries = 2 * query_count(self.count)
+        sample = 0 if self.kind == "exact" else \
+            (min(self.count - queries, self.lists * TRAINING_PER_LIST) + queries) * self.dim * 4
         training = sample * (2 if self.kind == "compressed" else 1) * TRAINING_SCRATCH
         reading = min(self.count, 8192) * self.dim * 4 * READ_COPIES
         return PROCESS_BASE + reading + int(max(training, self.memory + (sample if self.kind == "ann" else 0)))
@@ -362,9 +369,18 @@ def build(batches: Callable[[bool], Iterator[np.ndarray]], count: int, dim: int,
 
     lists = layout.lists
     rng = np.random.default_rng(seed)
-    training_rows = np.sort(rng.choice(count, size=min(count, lists * TRAINING_PER_LIST), replace=False))
-    sample = _rows(batches(False), training_rows, dim)
-    tuning = np.sort(rng.choice(len(training_rows), min(TUNING_QUERIES, len(training_rows)), replace=False))
+    queries = query_count(count)
+    training = min(count - 2 * queries, lists * TRAINING_PER_LIST)
+    # Queries that tune the probes and queries that measure the result: neither trained on, nor each other.
+    chosen = rng.choice(count, size=training + 2 * queries, replace=False)
+    parts = [np.sort(part) for part in (chosen[:training], chosen[training:training + queries],
+                                        chosen[training + queries:training + 2 * queries])]
+    wanted = np.unique(np.concatenate(parts))
+    gathered = _rows(batches(False), wanted, dim)
+    sample, tuning_vectors, held_out = (gathered[np.searchsorted(wanted, part)] for part in parts)
+    del gathered
+    if not queries:  # every vector trains (a small collection): tuned on training vectors, nothing held out
+        tuning_vectors = sample[np.sort(rng.choice(training, min(TUNING_QUERIES, training), replace=False))]
     log(f"Training {layout.describe()} on {len(sample)} vectors ...")
     if layout.kind == "ann":
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
@@ -375,7 +391,8 @@ def build(batches: Callable[[bool], Iterator[np.ndarray]], count: int, dim: int,
         index = faiss.index_factory(dim, described, faiss.METRIC_INNER_PRODUCT)
         faiss.extract_index_ivf(index).cp.seed = seed
     index.train(sample)
-    truth = _TopK(sample[tuning], 10)  # sample queries: exact neighbours gathered while adding
+    truth = _TopK(tuning_vectors, 10)  # exact neighbours gathered while adding
+    check = _TopK(held_out, 10)
     del sample
     log(f"Adding {count} vectors ...")
     writer = open(stored_path, "wb") if layout.kind == "compressed" else None
@@ -385,6 +402,7 @@ def build(batches: Callable[[bool], Iterator[np.ndarray]], count: int, dim: int,
             unit = normalised(vectors)
             index.add(unit)
             truth.add(unit, base)
+            check.add(unit, base)
             base += len(unit)
             if writer:
                 unit.tofile(writer)
@@ -402,8 +420,21 @@ def build(batches: Callable[[bool], Iterator[np.ndarray]], count: int, dim: int,
     params.update(nprobe=nprobe, tuned_recall_at_10=round(recall, 4), memory_bytes=layout.memory)
     if layout.kind == "compressed":
         params["rerank_depth"] = depth
-    log(f"Probing {nprobe} of {lists} lists: recall@10 {recall:.3f} against exact search on sample queries.")
+    measured = ""
+    if len(check.queries):
+        held_recall = recall_at_k(built, check)
+        params.update(held_out_recall_at_10=round(held_recall, 4), held_out_queries=len(check.queries))
+        measured = f", {held_recall:.3f} on {len(check.queries)} held-out vectors"
+    log(f"Probing {nprobe} of {lists} lists: recall@10 {recall:.3f} against exact search on the tuning "
+        f"queries{measured} (neither set trained on).")
     return built
+
+
+def recall_at_k(index: "VectorIndex", truth: "_TopK") -> float:
+    """Mean share of each query's exact k nearest rows that the index returns (the query's own row counted)."""
+    k = min(truth.k, index.count)
+    _, found = index.search(truth.queries, k)
+    return float(np.mean([len(set(f) & set(e[:k])) / k for f, e in zip(found, truth.rows)]))
 
 
 class _TopK:
@@ -441,7 +472,6 @@ def _tune(index: VectorIndex, truth: _TopK) -> tuple[int, int, float]:
     costs more reads.
     """
     ivf = import_faiss().extract_index_ivf(index.index)
-    k = min(truth.k, index.count)
     compressed = index.kind == "compressed"
     depths = RERANK_DEPTHS if compressed else (1,)
     limit = min(ivf.nlist, MAX_PROBES) if compressed else ivf.nlist
@@ -453,9 +483,8 @@ def _tune(index: VectorIndex, truth: _TopK) -> tuple[int, int, float]:
             if compressed:
                 index.params["rerank_depth"] = depth
             started = time.perf_counter()
-            _, found = index.search(truth.queries, k)
+            recall = recall_at_k(index, truth)
             seconds = time.perf_counter() - started
-            recall = float(np.mean([len(set(f) & set(e[:k])) / k for f, e in zip(found, truth.rows)]))
             reached = recall >= TUNED_RECALL
             tried.append((not reached, seconds if reached else -recall, nprobe, depth, recall))
             if reached:
