@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import email.utils
 import http.client
+import os
 import socket
 import ssl
 import time
@@ -76,7 +77,7 @@ def read_uri(uri: str, config: ReadConfig = ReadConfig()) -> bytes:
     if scheme in HTTP_SCHEMES:
         read = _read_http
     elif scheme == "file":
-        uri = urllib.parse.unquote(parts.path)
+        uri = _file_path(parts)
         read = _read_filesystem
     elif scheme in FILESYSTEM_SCHEMES:
         read = _read_filesystem
@@ -86,6 +87,11 @@ def read_uri(uri: str, config: ReadConfig = ReadConfig()) -> bytes:
             f"{', '.join(s + '://' for s in FILESYSTEM_SCHEMES if s)} or http(s)://."
         )
     return with_retries(lambda: read(uri, config), uri, config)
+
+
+def _file_path(parts: urllib.parse.SplitResult) -> str:
+    """The local path of a file:// URI."""
+    return urllib.parse.unquote(parts.path)
 
 
 # A version recorded for a failure must have stood this long before it was read: an object still being written
@@ -98,14 +104,12 @@ def settled_version(uri: str) -> Optional[str]:
     None when there is no such token (http(s), where ETags promise too little), the object cannot be stat'ed, or it
     changed less than SETTLED_S ago. Local files: size, mtime, inode and change time; other Beam filesystems
     (gs://, s3://): size and last update time, which every rewrite of an object sets."""
-    import os
-
     from apache_beam.io.filesystems import FileSystems
 
     scheme = scheme_of(uri)
     try:
         if scheme in ("", "file"):
-            info = os.stat(urllib.parse.unquote(urllib.parse.urlsplit(uri).path) if scheme else uri)
+            info = os.stat(_file_path(urllib.parse.urlsplit(uri)) if scheme else uri)
             token, changed = f"{info.st_size}:{info.st_mtime_ns}:{info.st_ino}:{info.st_ctime_ns}", info.st_ctime
         elif scheme in FILESYSTEM_SCHEMES:
             [found] = FileSystems.match([uri])[0].metadata_list

@@ -130,17 +130,20 @@ class LocalObjects:
                 f"gs:// directly or on a local or NFS disk (the inputs it embeds may live anywhere)."
             ) from None
         finally:
-            for leftover in (probe, linked, os.path.join(folder, f".{os.path.basename(probe)}.lock")):
+            for leftover in (probe, linked, self._lock_path(probe)):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(leftover)
+
+    @staticmethod
+    def _lock_path(path: str) -> str:
+        return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock")
 
     @contextlib.contextmanager
     def _exclusive(self, path: str) -> Iterator[None]:
         """Compare-and-swap of `path` among processes: a kernel lock (released on death) on a lock file beside it,
         opened for writing, which NFS needs for an exclusive flock (man 2 flock). Listings skip dotfiles."""
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        guard = os.open(os.path.join(folder, f".{os.path.basename(path)}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        guard = os.open(self._lock_path(path), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(guard, fcntl.LOCK_EX)
             yield

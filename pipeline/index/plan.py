@@ -155,8 +155,8 @@ class _ChangedSinceFailing(beam.DoFn):
 
 
 def read_failed_versions(path: str):
-    """(id, uri, bytes_version) of the failures in an errors file that carry a version (errors files written
-    before versions were recorded have none)."""
+    """Rows (FAILED_SCHEMA) of the failures in an errors file that carry a version (errors files written before
+    versions were recorded have none)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
