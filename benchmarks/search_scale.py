@@ -56,12 +56,12 @@ def _with_copies(rows: np.ndarray, rng) -> np.ndarray:
 
 def generate(count: int) -> None:
     """WORK/embeddings-*.parquet, queries.npy and truth.npy (exact top-K of each query)."""
-    from pipeline.search.vector_index import _TopK
+    from pipeline.search.vector_index import TopK
     from transforms.sink import embeddings_schema
 
     os.makedirs(WORK, exist_ok=True)
     queries = np.concatenate(list(draws(1000, seed=7)))
-    truth = _TopK(queries, K)
+    truth = TopK(queries, K)
     schema = embeddings_schema(DIM, METADATA)
     rng = np.random.default_rng(11)
     pending, written, base = [], 0, 0
@@ -120,7 +120,8 @@ def step(name: str, index_dir: str, args) -> dict:
         assert code == 0
         with open(os.path.join(index_dir, "search.json")) as f:
             manifest = json.load(f)
-        sizes = {key: os.path.getsize(os.path.join(index_dir, file)) for key, file in manifest["files"].items()}
+        sizes = {key: sum(os.path.getsize(os.path.join(index_dir, file)) for file in files)
+                 for key, files in manifest["files"].items()}
         return {"index": manifest["index"], "file_bytes": sizes}
     from pipeline.search.store import open_search_index
 

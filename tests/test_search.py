@@ -322,7 +322,7 @@ def test_compressed_index_holds_codes_reranks_from_disk_and_finds_what_exact_sea
     assert index["kind"] == "compressed" and index["code_bytes"] == 32 and index["tuned_recall_at_10"] >= 0.97
     assert index["memory_bytes"] < 6000 * 64 * 4 / 4  # codes, not floats
     normalised = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    stored = np.fromfile(tmp_path / "compressed" / manifest["files"]["exact_vectors"], np.float32).reshape(-1, 64)
+    stored = np.fromfile(tmp_path / "compressed" / manifest["files"]["exact_vectors"][0], np.float32).reshape(-1, 64)
     np.testing.assert_allclose(stored, normalised, atol=1e-6)  # the exact vectors, row for row
     asked = [f"img{i:05d}" for i in range(0, 6000, 60)]
     hits = {}
@@ -413,13 +413,16 @@ def test_overwrite_publishes_the_new_pair_in_one_step_and_a_reader_never_mixes_t
     new = json.loads((target / "search.json").read_text())
     assert new["files"] != old["files"]
     visible = [name for name in os.listdir(target) if not name.startswith(".")]  # .search.json.lock: the flip's lock
-    assert sorted(visible) == sorted(["search.json", *new["files"].values()])  # the old pair is gone
+    assert sorted(visible) == sorted(["search.json", *(n for names in search_store.file_names(new).values()
+                                                           for n in names)])
     opened = search_store.open_search_index(str(target))
     assert opened.items.num_rows == opened.vectors.count == new["count"]
-    monkeypatch.setattr(search_store, "_read_manifest", lambda path: old)  # a reader that read search.json before
+    before = search_store._Read(json.dumps(old).encode())
+    monkeypatch.setattr(search_store, "_manifest_version", lambda path: before)  # a reader that read it before
     with pytest.raises(search_store.SearchIndexError, match="rebuilt while it was being opened"):
         search_store.open_search_index(str(target))
-    monkeypatch.setattr(search_store, "_read_manifest", lambda path: {**new, "count": new["count"] + 1})
+    wrong = search_store._Read(json.dumps({**new, "count": new["count"] + 1}).encode())
+    monkeypatch.setattr(search_store, "_manifest_version", lambda path: wrong)
     with pytest.raises(search_store.SearchIndexError, match="does not add up"):
         search_store.open_search_index(str(target))
 
@@ -454,7 +457,7 @@ def test_build_from_an_index_root_uses_its_current_view(corpus, tmp_path):
     index = str(tmp_path / "search")
     assert search(["build", "--index", root, "--output", index]) == 0
     with open(os.path.join(index, "search.json")) as f:
-        items = pq.read_table(os.path.join(index, json.load(f)["files"]["items"])).to_pylist()
+        items = pq.read_table(os.path.join(index, json.load(f)["files"]["items"][0])).to_pylist()
     assert sorted(os.path.basename(i["id"]) for i in items) == sorted(p.name for p in images.iterdir())
     out = str(tmp_path / "hits.parquet")
     assert search(["query", "--index", index, "--id", str(images / "new.jpg"), "-k", "2", "--output", out]) == 0

@@ -41,6 +41,7 @@ class Collection:
     metadata: dict  # the embedding.* metadata they share
     count: int
     keep: Optional[tuple] = None  # per file, a mask of the rows in an index's current view; None keeps every row
+    source: Optional[dict] = None  # from an index: its root, index_id and the log length (seq) of the view
 
     @property
     def dim(self) -> int:
@@ -48,12 +49,21 @@ class Collection:
 
     def batches(self, rows: int = BATCH_ROWS) -> Iterator[Batch]:
         """Every kept row once, in a fixed order (file by file), `rows` at a time at most."""
+        for table in self._tables(("id", "uri", "sha256", "embedding"), rows):
+            yield _to_batch(table, self.dim)
+
+    def ids(self) -> Iterator[str]:
+        """The id of every kept row, in the order of `batches`, read without the vectors."""
+        for table in self._tables(("id",), BATCH_ROWS):
+            yield from table.column("id").to_pylist()
+
+    def _tables(self, wanted: tuple, rows: int) -> Iterator[pa.Table]:
         import pyarrow.parquet as pq
 
         for position, path in enumerate(self.files):
             with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
                 parquet = pq.ParquetFile(f, pre_buffer=False)  # pre-buffering a row group doubled peak memory
-                columns = [c for c in ("id", "uri", "sha256", "embedding") if c in parquet.schema_arrow.names]
+                columns = [c for c in wanted if c in parquet.schema_arrow.names]
                 start = 0
                 for record_batch in parquet.iter_batches(batch_size=rows, columns=columns):
                     table = pa.Table.from_batches([record_batch])
@@ -61,7 +71,7 @@ class Collection:
                         table = table.filter(pa.array(self.keep[position][start:start + table.num_rows]))
                         start += record_batch.num_rows
                     if table.num_rows:
-                        yield _to_batch(table, self.dim)
+                        yield table
 
 
 def _to_batch(table: pa.Table, dim: int) -> Batch:
@@ -119,10 +129,21 @@ def from_index(root: str) -> Collection:
     store = IndexStore(root.rstrip("/"))
     if store.identity() is None:
         raise CollectionError(f"--index {root} is not an index (no index.json); make one with python -m pipeline.index create.")
-    files, masks, count = current_selection(store, store.log())
+    entries = store.log()
+    files, masks, count = current_selection(store, entries)
     if not count:
         raise CollectionError(f"The index at {root} has no embedded images yet; run pipeline.index update first.")
+    return selected(f"index {root}", files, masks, count, index_source(store, entries))
+
+
+def index_source(store, entries) -> dict:
+    """What a search index records of the index view it holds: the next update starts from there."""
+    return {"root": store.root, "index_id": store.identity()["index_id"], "seq": len(entries)}
+
+
+def selected(described: str, files: list, masks: list, count: int, source: dict) -> Collection:
+    """The rows of `masks` in the (seq, path) `files` of an index."""
     used = [(path, mask) for (_, path), mask in zip(files, masks) if mask.any()]
-    metadata, _ = _read_footers([path for path, _ in used])
-    return Collection(described=f"index {root}", files=tuple(p for p, _ in used), metadata=metadata, count=count,
-                      keep=tuple(mask for _, mask in used))
+    metadata, _ = _read_footers([path for path, _ in used]) if used else ({}, 0)
+    return Collection(described=described, files=tuple(p for p, _ in used), metadata=metadata, count=count,
+                      keep=tuple(mask for _, mask in used), source=source)

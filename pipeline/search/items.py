@@ -31,15 +31,17 @@ def repeated(prints: np.ndarray) -> np.ndarray:
 
 
 class ItemsWriter:
-    """Appends batches of (id, uri, sha256) to a local items file, numbering rows; remembers id fingerprints."""
+    """Appends batches of (id, uri, sha256) to a local items file, numbering rows from `first_row` (an update's
+    segment continues the rows before it); remembers id fingerprints."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, first_row: int = 0):
         import pyarrow.parquet as pq
 
         self._writer = pq.ParquetWriter(path, ITEMS_SCHEMA)
         self._pending: list = []
         self._prints: list = []
-        self.rows = 0
+        self.first_row = first_row
+        self.rows = first_row
         self.with_sha256 = 0
 
     def add(self, ids: list, uris: list, sha256: list) -> None:
@@ -67,32 +69,40 @@ class ItemsWriter:
 
 
 class Items:
-    """A local items file, read by row group."""
+    """Local items files (the build's, then one per update, rows numbered on), read by row group.
 
-    def __init__(self, path: str):
+    Rows in `removed` (tombstones of ids that left the view or changed) are never returned by a lookup.
+    """
+
+    def __init__(self, paths, removed: Optional[np.ndarray] = None):
         import pyarrow.parquet as pq
 
-        self._file = pq.ParquetFile(path)
-        self.num_rows = self._file.metadata.num_rows
-        sizes = [self._file.metadata.row_group(g).num_rows for g in range(self._file.metadata.num_row_groups)]
+        self._files = [pq.ParquetFile(path) for path in ([paths] if isinstance(paths, str) else paths)]
+        self._groups_of = [(f, g) for f in self._files for g in range(f.metadata.num_row_groups)]
+        sizes = [f.metadata.row_group(g).num_rows for f, g in self._groups_of]
         self._starts = np.cumsum([0] + sizes)  # first row of each row group, then the end
+        self.num_rows = int(self._starts[-1])
+        self.removed = np.zeros(0, np.int64) if removed is None else np.asarray(removed, np.int64)
 
     def _groups(self, columns: list):
-        for group in range(self._file.metadata.num_row_groups):
-            yield group, self._file.read_row_group(group, columns=columns)
+        for number, (file, group) in enumerate(self._groups_of):
+            table = file.read_row_group(group, columns=columns)
+            if len(self.removed) and "row" in columns:
+                table = table.filter(pa.array(~np.isin(table.column("row").to_numpy(), self.removed)))
+            yield number, table
 
     def take(self, rows) -> pa.Table:
         """The items of `rows`, in that order (row groups read once each)."""
         rows = np.asarray(rows, np.int64)
         groups = np.searchsorted(self._starts, rows, side="right") - 1
         needed = np.unique(groups)
-        tables = [self._file.read_row_group(int(g)) for g in needed]
+        tables = [self._groups_of[int(g)][0].read_row_group(self._groups_of[int(g)][1]) for g in needed]
         table = pa.concat_tables(tables) if tables else ITEMS_SCHEMA.empty_table()
         read_before = np.cumsum([0] + [t.num_rows for t in tables])[np.searchsorted(needed, groups)]
         return table.take(pa.array(read_before + rows - self._starts[groups], pa.int64()))
 
     def rows_of(self, ids: list) -> list:
-        """The row of each id, or None for ids not in the index."""
+        """The row of each id, or None for ids not in the index (removed rows are not in it)."""
         import pyarrow.compute as pc
 
         asked = pa.array(ids, pa.string())
@@ -105,8 +115,17 @@ class Items:
                 found.setdefault(ids[position], row)
         return [found.get(id_) for id_ in ids]
 
+    def removed_ids(self, ids: list) -> set:
+        """Those of `ids` that only removed rows hold: ids the index had and no longer has."""
+        if not len(self.removed) or not ids:
+            return set()
+        wanted, held = set(ids), set()
+        for file, group in self._groups_of:
+            held.update(v for v in file.read_row_group(group, columns=["id"]).column("id").to_pylist() if v in wanted)
+        return {id_ for id_, row in zip(sorted(held), self.rows_of(sorted(held))) if row is None}
+
     def rows_with(self, column: str, prints: np.ndarray) -> tuple[np.ndarray, list]:
-        """(rows, values) of the rows whose `column` value has one of the fingerprints `prints`."""
+        """(rows, values) of the live rows whose `column` value has one of the fingerprints `prints`."""
         rows, values = [], []
         for _, table in self._groups(["row", column]):
             keep = np.isin(fingerprints(table.column(column).to_pylist()), prints)
@@ -115,8 +134,8 @@ class Items:
         return (np.concatenate(rows) if rows else np.zeros(0, np.int64)), values
 
     def duplicated(self, column: str) -> tuple[np.ndarray, list]:
-        """(rows, values) of the rows whose `column` value (not null) occurs more than once."""
-        prints = [fingerprints(table.column(column).to_pylist()) for _, table in self._groups([column])]
+        """(rows, values) of the live rows whose `column` value (not null) occurs more than once."""
+        prints = [fingerprints(table.column(column).to_pylist()) for _, table in self._groups(["row", column])]
         candidates = repeated(np.concatenate(prints) if prints else np.zeros(0, np.uint64))
         rows, values = self.rows_with(column, candidates)
         counts: dict = {}

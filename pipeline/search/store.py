@@ -1,13 +1,18 @@
 """A search index folder: the vectors' index, the table of what each row is, and a manifest written last.
 
-    INDEX_DIR/vectors-BUILD.faiss    the faiss index (row i = row i of the items table)
-    INDEX_DIR/items-BUILD.parquet    row, id, uri, sha256
-    INDEX_DIR/search.json            model and preprocessing (as the embeddings recorded them), metric, index
-                                     kind and parameters, source, counts, and which two files are the index;
-                                     its presence marks a finished build
+    INDEX_DIR/vectors-GEN.faiss       the faiss index (row i = row i of the items)
+    INDEX_DIR/items-GEN.parquet       row, id, uri, sha256: the build's rows, then one file per update's rows
+    INDEX_DIR/exact-GEN.f32           compressed: the normalised vectors, a segment per build and update
+    INDEX_DIR/removed-GEN.npy         rows removed by updates (ids that left the view or changed), never returned
+    INDEX_DIR/truth-GEN.npz           ann, compressed: sample queries and their exact nearest rows (tuning, drift)
+    INDEX_DIR/search.json             model and preprocessing (as the embeddings recorded them), metric, index
+                                      kind and parameters, source (and the index log it reflects), counts, and
+                                      which files are the index; its presence marks a finished build
 
-A rebuild (--overwrite) writes new files under a new BUILD name, then replaces search.json in one atomic
-write, then deletes the old files: a reader sees the old pair or the new pair, never new vectors with old ids.
+A build or an update (search update) writes its files under a new GEN name (segments of earlier generations are
+shared, never rewritten), then replaces search.json in one conditional write against the version it started
+from, then deletes what no longer belongs: a reader sees the old set or the new set, never a mix, and of two
+writers at once one is refused.
 """
 
 from __future__ import annotations
@@ -18,21 +23,27 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
 from typing import Callable, Optional
 
+import numpy as np
 import pyarrow as pa
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.search.collection import Collection, CollectionError
 from pipeline.search.items import Items, ItemsWriter
-from pipeline.search.vector_index import METRIC, VectorIndex, build, choose_layout, import_faiss
+from pipeline.search.vector_index import METRIC, TopK, VectorIndex, build, choose_layout, import_faiss
+from transforms.crashpoints import reach
 
 MANIFEST, VECTORS, ITEMS = "search.json", "vectors.faiss", "items.parquet"
-FORMAT = 1
+FORMAT = 2
+READS = (1, 2)  # format 1: one items file, fixed or named; no updates recorded
+GENERATION = re.compile(r"^(vectors|items|exact|removed|truth)-(\d{8}T\d{6}Z)-[0-9a-f]{6}\.")
+ORPHAN_AGE = 600  # seconds: files of a generation that started this long before the manifest's can never publish
 COPY_BLOCK = 64 << 20
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "beam-image-embeddings", "search")
 
@@ -47,6 +58,7 @@ class SearchIndex:
     manifest: dict
     items: Items
     vectors: VectorIndex
+    version: Optional[object] = None  # of search.json as read: an update replaces exactly this one
 
     @property
     def model(self) -> dict:
@@ -71,26 +83,81 @@ def write_parquet(table: pa.Table, path: str) -> None:
     write_bytes(path, sink.getvalue().to_pybytes())
 
 
+def generation_name() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+class Generation:
+    """The new files of one build or update: written in a local folder (the index itself, or a scratch folder
+    uploaded from for a remote one), then made the index by `publish`."""
+
+    def __init__(self, root: str):
+        self.root, self.name = root.rstrip("/"), generation_name()
+        self.remote = "://" in self.root
+        if not FileSystems.exists(self.root):
+            FileSystems.mkdirs(self.root)
+        self.local = tempfile.mkdtemp(prefix="search-build-") if self.remote else self.root
+        self.files: list = []
+
+    def path(self, kind: str, extension: str) -> str:
+        """The local path of this generation's file of `kind` (recorded for upload or removal)."""
+        name = f"{kind}-{self.name}.{extension}"
+        self.files.append(name)
+        return os.path.join(self.local, name)
+
+    def upload(self) -> None:
+        if self.remote:
+            for name in self.files:
+                _upload(os.path.join(self.local, name), FileSystems.join(self.root, name))
+
+    def discard(self) -> None:
+        for name in self.files:
+            path = os.path.join(self.local, name)
+            if os.path.exists(path):
+                os.remove(path)
+
+    def close(self) -> None:
+        if self.remote:
+            shutil.rmtree(self.local, ignore_errors=True)
+
+
+def save_index_files(generation: Generation, vectors: VectorIndex, files: dict) -> None:
+    """Writes the faiss index, the removed rows and the sample queries' truth of `vectors` into `generation`,
+    naming them in `files`."""
+    files["vectors"] = os.path.basename(generation.path("vectors", "faiss"))
+    vectors.save(os.path.join(generation.local, files["vectors"]))
+    files.pop("removed", None)
+    files.pop("truth", None)
+    if len(vectors.removed):
+        path = generation.path("removed", "npy")
+        np.save(path, vectors.removed)
+        files["removed"] = os.path.basename(path)
+    if vectors.truth:
+        path = generation.path("truth", "npz")
+        with open(path, "wb") as f:
+            np.savez(f, **{k: v for name, truth in vectors.truth.items() for k, v in truth.arrays(name).items()})
+        files["truth"] = os.path.basename(path)
+
+
 def build_search_index(collection: Collection, root: str, kind: str, overwrite: bool,
-                       log: Callable[[str], None], max_memory: Optional[int] = None) -> dict:
-    """Builds and writes the index of `collection` into `root`; returns the manifest."""
+                       log: Callable[[str], None], max_memory: Optional[int] = None,
+                       trained: Optional[VectorIndex] = None, replacing: Optional[object] = None,
+                       extra: Optional[dict] = None) -> dict:
+    """Builds and writes the index of `collection` into `root`; returns the manifest.
+
+    `replacing` is the version of search.json this build replaces (read by an update); `trained` keeps that
+    index's training (a compaction); `extra` adds manifest fields (what an update carries on)."""
     root = root.rstrip("/")
     manifest_path = FileSystems.join(root, MANIFEST)
-    if FileSystems.exists(manifest_path) and not overwrite:
+    current = replacing or _manifest_version(manifest_path)
+    if current is not None and not overwrite:
         raise SearchIndexError(f"{root} already holds a search index; pass --overwrite to replace it, or another "
                                f"--output.")
-    layout = choose_layout(kind, collection.count, collection.dim, max_memory)
-    build_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-    files = {"vectors": f"vectors-{build_id}.faiss", "items": f"items-{build_id}.parquet"}
-    if layout.kind == "compressed":
-        files["exact_vectors"] = f"exact-{build_id}.f32"
-    remote = "://" in root
-    if not FileSystems.exists(root):
-        FileSystems.mkdirs(root)
-    local = tempfile.mkdtemp(prefix="search-build-") if remote else root
-    written = [os.path.join(local, name) for name in files.values()]
+    layout = choose_layout(kind, collection.count, collection.dim, max_memory) if trained is None else None
+    generation = Generation(root)
     try:
-        items = ItemsWriter(os.path.join(local, files["items"]))
+        items = ItemsWriter(generation.path("items", "parquet"))
+        stored = generation.path("exact", "f32") if (trained or layout).kind == "compressed" else None
 
         def batches(adding: bool):
             for batch in collection.batches():
@@ -98,27 +165,26 @@ def build_search_index(collection: Collection, root: str, kind: str, overwrite: 
                     items.add(batch.ids, batch.uris, batch.sha256)
                 yield batch.vectors
 
-        index = build(batches, collection.count, collection.dim, layout.kind, log=log,
-                      max_memory=max_memory, stored_path=os.path.join(local, files.get("exact_vectors", "-")))
-        _refuse_repeated_ids(items.close(), os.path.join(local, files["items"]), collection)
-        index.save(os.path.join(local, files["vectors"]))
-        if remote:
-            for name in files.values():
-                _upload(os.path.join(local, name), FileSystems.join(root, name))
+        index = build(batches, collection.count, collection.dim, kind if trained is None else trained.kind, log=log,
+                      max_memory=max_memory, stored_path=stored, trained=trained)
+        _refuse_repeated_ids(items.close(), os.path.join(generation.local, generation.files[0]), collection)
+        files = {"items": [generation.files[0]]}
+        if stored:
+            files["exact_vectors"] = [os.path.basename(stored)]
+        save_index_files(generation, index, files)
+        generation.upload()
     except BaseException:
-        for path in written:
-            if os.path.exists(path):
-                os.remove(path)
+        generation.discard()
         raise
     finally:
-        if remote:
-            shutil.rmtree(local, ignore_errors=True)
-    previous = _files_of(_read_manifest(manifest_path)) if FileSystems.exists(manifest_path) else {}
+        generation.close()
     manifest = {
         "format": FORMAT,
-        "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "built_at": now(),
+        "written_at": now(),
         "source": collection.described,
         "count": index.count,
+        "rows": index.rows,
         "dim": collection.dim,
         "model": collection.metadata,
         "metric": METRIC,
@@ -126,13 +192,54 @@ def build_search_index(collection: Collection, root: str, kind: str, overwrite: 
         "index": {"library": f"faiss-cpu {import_faiss().__version__}", "kind": index.kind, **index.params},
         "with_sha256": items.with_sha256,
         "files": files,
+        **({"index_source": collection.source} if collection.source else {}),
+        **({"max_memory": max_memory} if max_memory else {}),
+        **(extra or {}),
     }
-    _publish(manifest_path, json.dumps(manifest, indent=2).encode())
-    old = [FileSystems.join(root, name) for name in previous.values() if name not in files.values()]
+    publish_manifest(root, manifest, current)
+    return manifest
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def file_names(manifest: dict) -> dict:
+    """The files a manifest points to, every kind as a list (builds before updates named one items file, and
+    the first builds used fixed names)."""
+    files = manifest.get("files") or {"vectors": VECTORS, "items": ITEMS}
+    return {kind: [names] if isinstance(names, str) else list(names) for kind, names in files.items()}
+
+
+def publish_manifest(root: str, manifest: dict, replacing: Optional[object]) -> None:
+    """Makes `manifest` the index (one conditional write: refused if search.json is no longer `replacing`), then
+    deletes the files of the one it replaced that it does not share, and leftovers of writers that lost."""
+    manifest_path = FileSystems.join(root, MANIFEST)
+    previous = file_names(json.loads(replacing.data)) if replacing is not None else {}
+    _publish(manifest_path, json.dumps(manifest, indent=2).encode(), replacing)
+    reach("search.published")
+    kept = {name for names in file_names(manifest).values() for name in names}
+    old = [FileSystems.join(root, name) for names in previous.values() for name in names if name not in kept]
+    old += _orphans(root, manifest, kept)
     old = [path for path in old if FileSystems.exists(path)]
     if old:
         FileSystems.delete(old)
-    return manifest
+
+
+def _orphans(root: str, manifest: dict, kept: set) -> list:
+    """Files of generations that began ORPHAN_AGE before this manifest was written and that it does not name:
+    their writer read an older search.json, so its conditional write is refused (or it was killed)."""
+    written = datetime.datetime.fromisoformat(manifest["written_at"]).timestamp()
+    found = []
+    for metadata in FileSystems.match([FileSystems.join(root, "*")])[0].metadata_list:
+        name = metadata.path.rstrip("/").rsplit("/", 1)[-1]
+        match = GENERATION.match(name)
+        if match and name not in kept:
+            began = datetime.datetime.strptime(match.group(2), "%Y%m%dT%H%M%SZ").replace(
+                tzinfo=datetime.timezone.utc).timestamp()
+            if began < written - ORPHAN_AGE:
+                found.append(metadata.path)
+    return found
 
 
 def _refuse_repeated_ids(prints, items_path: str, collection: Collection) -> None:
@@ -169,52 +276,76 @@ def _local_copy(root: str, name: str) -> str:
     return path
 
 
-def _files_of(manifest: dict) -> dict:
-    """The two files a manifest points to (builds before named files used fixed names)."""
-    return manifest.get("files") or {"vectors": VECTORS, "items": ITEMS}
-
-
-def _read_manifest(path: str) -> dict:
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        return json.loads(f.read())
-
-
-def _publish(path: str, data: bytes) -> None:
-    """Writes the manifest in one atomic step: a reader sees the old one or the new one, whole."""
-    from pipeline.index.objects import Conflict, UnsupportedStore, objects_for
+def _objects(path: str):
+    from pipeline.index.objects import UnsupportedStore, objects_for
 
     try:
-        objects = objects_for(path)
-    except UnsupportedStore:  # other object stores: one object's upload is atomic there
+        return objects_for(path)
+    except UnsupportedStore:  # other object stores: one object's upload is atomic there, without conditions
+        return None
+
+
+class _Read:
+    """search.json as read from a store without conditional writes."""
+
+    def __init__(self, data: bytes):
+        self.data, self.generation = data, None
+
+
+def _manifest_version(path: str):
+    """search.json's content and version, or None when there is none."""
+    objects = _objects(path)
+    if objects is not None:
+        return objects.read(path)
+    if not FileSystems.exists(path):
+        return None
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        return _Read(f.read())
+
+
+def _publish(path: str, data: bytes, replacing: Optional[object]) -> None:
+    """Writes the manifest in one atomic step, only over the version `replacing` (or only if there is none)."""
+    from pipeline.index.objects import Conflict
+
+    objects = _objects(path)
+    if objects is None:
         write_bytes(path, data)
         return
-    current = objects.read(path)
     try:
-        objects.create(path, data) if current is None else objects.replace(path, data, current.generation)
+        objects.create(path, data) if replacing is None else objects.replace(path, data, replacing.generation)
     except Conflict:
-        raise SearchIndexError(f"Another build wrote {path} at the same time; run the build again.") from None
+        raise SearchIndexError(f"Another build or update wrote {path} while this one ran; nothing of this one is "
+                               f"served. Run it again.") from None
 
 
-def open_search_index(root: str) -> SearchIndex:
+def open_search_index(root: str, with_truth: bool = False) -> SearchIndex:
+    """The search index at `root`; `with_truth` also loads the sample queries an update measures it with."""
     root = root.rstrip("/")
     manifest_path = FileSystems.join(root, MANIFEST)
-    if not FileSystems.exists(manifest_path):
+    version = _manifest_version(manifest_path)
+    if version is None:
         started = FileSystems.match([FileSystems.join(root, "items*.parquet")])[0].metadata_list
         what = "an unfinished build (rerun search build)" if started else "no search index"
         raise SearchIndexError(f"{root} holds {what}: no {MANIFEST}. Build one with python -m pipeline.search build.")
-    manifest = _read_manifest(manifest_path)
-    if manifest.get("format") != FORMAT:
+    manifest = json.loads(version.data)
+    if manifest.get("format") not in READS:
         raise SearchIndexError(f"{root} was written in search index format {manifest.get('format')}, this code reads "
-                               f"{FORMAT}: rebuild it with python -m pipeline.search build.")
-    files = _files_of(manifest)
+                               f"{READS[-1]}: rebuild it with python -m pipeline.search build.")
+    files = file_names(manifest)
     try:
-        items = Items(_local_copy(root, files["items"]))
+        removed = np.load(_local_copy(root, files["removed"][0])) if "removed" in files else None
+        items = Items([_local_copy(root, name) for name in files["items"]], removed)
         params = {k: v for k, v in manifest["index"].items() if k not in ("library", "kind")}
-        stored = _local_copy(root, files["exact_vectors"]) if "exact_vectors" in files else None
-        vectors = VectorIndex.load(FileSystems.join(root, files["vectors"]), manifest["index"]["kind"], params, stored)
-    except (OSError, RuntimeError, IndexError) as exc:  # faiss raises RuntimeError for a file that is gone
+        stored = [_local_copy(root, name) for name in files["exact_vectors"]] if "exact_vectors" in files else None
+        vectors = VectorIndex.load(FileSystems.join(root, files["vectors"][0]), manifest["index"]["kind"], params,
+                                   stored, removed)
+        if with_truth and "truth" in files:
+            with np.load(_local_copy(root, files["truth"][0])) as arrays:
+                vectors.truth = {name: TopK.from_arrays(arrays, name) for name in ("tuning", "held_out")}
+    except (OSError, RuntimeError, IndexError, ValueError) as exc:  # faiss raises RuntimeError for a file that is gone
         raise SearchIndexError(f"{root} was rebuilt while it was being opened ({exc}); open it again.") from None
-    if not items.num_rows == vectors.count == manifest["count"]:
+    rows = manifest.get("rows", manifest["count"])
+    if not (items.num_rows == vectors.rows == rows and vectors.count == manifest["count"]):
         raise SearchIndexError(f"{root} does not add up: {manifest['count']} in {MANIFEST}, {items.num_rows} items, "
-                               f"{vectors.count} vectors. Rebuild it with python -m pipeline.search build --overwrite.")
-    return SearchIndex(root, manifest, items, vectors)
+                               f"{vectors.rows} vectors. Rebuild it with python -m pipeline.search build --overwrite.")
+    return SearchIndex(root, manifest, items, vectors, version)

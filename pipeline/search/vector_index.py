@@ -31,6 +31,7 @@ METRIC = "cosine similarity: inner product of L2-normalised vectors"
 EXACT_UP_TO = 100_000  # auto: below this, exact search answers a query in milliseconds
 TUNED_RECALL = 0.97  # recall@10 the tuning aims for on sample queries; leaves room for queries from outside
 TUNING_QUERIES = 400
+TRUTH_DEPTH = 50  # exact neighbours kept per tuning query: updates remove rows from the lists, adds merge in
 TRAINING_PER_LIST = 40  # training vectors per inverted list (faiss warns below 39)
 SEARCH_CHUNK = 4096  # queries per call: bounds the memory of range and batched searches
 RERANK_CHUNK = 32  # compressed: queries re-ranked together (32 x 400 candidates of dim 1664: 85 MB)
@@ -180,40 +181,46 @@ def choose_layout(kind: str, count: int, dim: int, max_memory: Optional[int]) ->
 
 
 class StoredVectors:
-    """The normalised vectors of a compressed index, row after row as float32, in a local file read on demand.
+    """The normalised vectors of a compressed index, row after row as float32, in local segment files (the build's,
+    then one per update) read on demand.
 
     Rows are read with pread, not a memory map: the pages stay in the page cache, which the kernel can reclaim,
     instead of counting in the process's resident memory.
     """
 
-    def __init__(self, path: str, count: int, dim: int):
-        self.path, self.count, self.dim = path, count, dim
-        size = os.path.getsize(path)
-        if size != count * dim * 4:
-            raise ValueError(f"{path} holds {size} bytes, not the {count * dim * 4} of {count} vectors of dim {dim}.")
-        self._fd = os.open(path, os.O_RDONLY)
+    def __init__(self, paths, count: int, dim: int):
+        paths = [paths] if isinstance(paths, str) else list(paths)
+        self.paths, self.count, self.dim = paths, count, dim
         self._row_bytes = dim * 4
+        sizes = [os.path.getsize(path) for path in paths]
+        if sum(sizes) != count * self._row_bytes or any(size % self._row_bytes for size in sizes):
+            raise ValueError(f"{', '.join(paths)} hold {sum(sizes)} bytes, not the {count * self._row_bytes} of "
+                             f"{count} vectors of dim {dim}.")
+        self._starts = np.cumsum([0] + [size // self._row_bytes for size in sizes])
+        self._fds = [os.open(path, os.O_RDONLY) for path in paths]
 
     def __del__(self, close=os.close):  # os itself may be gone at interpreter exit
-        if getattr(self, "_fd", None) is not None:
-            close(self._fd)
+        for fd in getattr(self, "_fds", ()):
+            close(fd)
+
+    def _read(self, out: np.ndarray, row: int) -> None:
+        """Rows row.. into `out`, across segments."""
+        buffer, done = memoryview(out).cast("B"), 0
+        while done < len(out):
+            segment = int(np.searchsorted(self._starts, row + done, side="right")) - 1
+            take = min(len(out) - done, int(self._starts[segment + 1]) - row - done)
+            os.preadv(self._fds[segment], [buffer[done * self._row_bytes:(done + take) * self._row_bytes]],
+                      (row + done - int(self._starts[segment])) * self._row_bytes)
+            done += take
 
     def rows(self, rows) -> np.ndarray:
         """The vectors of `rows` (any order, repeats allowed), read in file order."""
         rows = np.asarray(rows, np.int64).reshape(-1)
         unique, where = np.unique(rows, return_inverse=True)
         out = np.empty((len(unique), self.dim), np.float32)
-        buffer = memoryview(out).cast("B")
         for position, row in enumerate(unique.tolist()):
-            start = position * self._row_bytes
-            os.preadv(self._fd, [buffer[start:start + self._row_bytes]], row * self._row_bytes)
+            self._read(out[position:position + 1], row)
         return out[where.reshape(-1)]
-
-    def block(self, start: int, stop: int) -> np.ndarray:
-        """Rows start..stop-1, read in one call."""
-        out = np.empty((stop - start, self.dim), np.float32)
-        os.preadv(self._fd, [memoryview(out).cast("B")], start * self._row_bytes)
-        return out
 
 
 @dataclasses.dataclass
@@ -222,10 +229,46 @@ class VectorIndex:
     kind: str  # "exact", "ann" or "compressed"
     params: dict
     stored: Optional[StoredVectors] = None  # compressed: the exact vectors, for re-ranking and duplicates
+    removed: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))  # tombstoned rows
+    truth: Optional[dict] = None  # ann and compressed: the "tuning" and "held_out" TopK of the collection's vectors
+
+    def __post_init__(self):
+        self.remove(self.removed)
+
+    def remove(self, rows) -> None:
+        """Tombstones `rows`: no search returns them from now on (their vectors stay until a compaction)."""
+        self.removed = np.union1d(self.removed, np.asarray(rows, np.int64))
+        self._selector = None
+        if len(self.removed):
+            live = np.ones(self.rows, bool)
+            live[self.removed] = False
+            self._bitmap = np.packbits(live, bitorder="little")  # kept alive: the selector points into it
+            self._selector = import_faiss().IDSelectorBitmap(self.rows, import_faiss().swig_ptr(self._bitmap))
+
+    @property
+    def rows(self) -> int:
+        """Rows added, removed ones included."""
+        return self.index.ntotal
 
     @property
     def count(self) -> int:
-        return self.index.ntotal
+        """Rows a search can return."""
+        return self.index.ntotal - len(self.removed)
+
+    def live(self, rows: np.ndarray) -> np.ndarray:
+        """The mask of `rows` not removed."""
+        return ~np.isin(rows, self.removed) if len(self.removed) else np.ones(len(rows), bool)
+
+    def _params(self, nprobe: Optional[int] = None):
+        """faiss search parameters that skip removed rows (None when nothing is removed and nprobe is as tuned)."""
+        if self._selector is None and nprobe is None:
+            return None
+        faiss = import_faiss()
+        if self.kind == "exact":
+            return faiss.SearchParameters(sel=self._selector)
+        probes = nprobe or faiss.extract_index_ivf(self.index).nprobe
+        return faiss.SearchParametersIVF(sel=self._selector, nprobe=probes) if self._selector is not None else \
+            faiss.SearchParametersIVF(nprobe=probes)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, rows), each [queries, k], nearest first; rows are -1 where fewer than k exist."""
@@ -236,8 +279,9 @@ class VectorIndex:
 
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.stored is None:
-            return self.index.search(queries, k)
-        _, candidates = self.index.search(queries, min(self.count, k * self.params.get("rerank_depth", 1)))
+            return self.index.search(queries, k, params=self._params())
+        _, candidates = self.index.search(queries, min(self.count, k * self.params.get("rerank_depth", 1)),
+                                          params=self._params())
         return _rerank(queries, candidates, self.stored, k)
 
     def vectors(self, rows) -> np.ndarray:
@@ -257,22 +301,19 @@ class VectorIndex:
         if self.kind == "compressed":
             yield from self._pairs_within_lists(threshold)
             return
-        if self.kind == "ann":
-            ivf = import_faiss().extract_index_ivf(self.index)
-            tuned, ivf.nprobe = ivf.nprobe, ivf.nlist
-            try:
-                yield from self._pairs_above(threshold)
-            finally:
-                ivf.nprobe = tuned
-            return
         yield from self._pairs_above(threshold)
 
     def _pairs_above(self, threshold: float) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        for start in range(0, self.count, SEARCH_CHUNK):
-            rows = np.arange(start, min(start + SEARCH_CHUNK, self.count))
+        everywhere = self._params(nprobe=import_faiss().extract_index_ivf(self.index).nlist) \
+            if self.kind == "ann" else self._params()
+        for start in range(0, self.rows, SEARCH_CHUNK):
+            rows = np.arange(start, min(start + SEARCH_CHUNK, self.rows))
+            rows = rows[self.live(rows)]
+            if not len(rows):
+                continue
             # faiss keeps inner products strictly above the radius; nextafter makes the threshold inclusive
             limits, similarities, neighbours = self.index.range_search(
-                self.vectors(rows), float(np.nextafter(np.float32(threshold), np.float32(-1))))
+                self.vectors(rows), float(np.nextafter(np.float32(threshold), np.float32(-1))), params=everywhere)
             owners = rows[np.repeat(np.arange(len(rows)), np.diff(limits).astype(np.int64))]
             once = owners < neighbours
             yield owners[once], neighbours[once], similarities[once]
@@ -288,8 +329,9 @@ class VectorIndex:
 
         def members(number):
             size = lists.list_size(number)
-            return np.sort(faiss.rev_swig_ptr(lists.get_ids(number), size).astype(np.int64)) if size else \
+            rows = np.sort(faiss.rev_swig_ptr(lists.get_ids(number), size).astype(np.int64)) if size else \
                 np.zeros(0, np.int64)
+            return rows[self.live(rows)]
 
         for number in range(ivf.nlist):
             own = members(number)
@@ -319,8 +361,9 @@ class VectorIndex:
             f.write(faiss.serialize_index(self.index).tobytes())
 
     @classmethod
-    def load(cls, path: str, kind: str, params: dict, stored: Optional[str] = None) -> "VectorIndex":
-        """The index at `path`; a compressed one needs `stored`, the local path of its exact vectors."""
+    def load(cls, path: str, kind: str, params: dict, stored: Optional[list] = None,
+             removed: Optional[np.ndarray] = None) -> "VectorIndex":
+        """The index at `path`; a compressed one needs `stored`, the local paths of its exact vectors' segments."""
         faiss = import_faiss()
         if "://" in path:
             with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
@@ -330,7 +373,7 @@ class VectorIndex:
         if kind in ("ann", "compressed"):  # an ann index's row -> vector map is saved with it
             faiss.extract_index_ivf(index).nprobe = params["nprobe"]
         vectors = StoredVectors(stored, index.ntotal, index.d) if kind == "compressed" else None
-        return cls(index, kind, params, vectors)
+        return cls(index, kind, params, vectors, np.zeros(0, np.int64) if removed is None else removed)
 
 
 def _rerank(queries: np.ndarray, candidates: np.ndarray, stored: StoredVectors, k: int):
@@ -352,25 +395,30 @@ def _rerank(queries: np.ndarray, candidates: np.ndarray, stored: StoredVectors, 
 
 def build(batches: Callable[[bool], Iterator[np.ndarray]], count: int, dim: int, kind: str = "auto",
           seed: int = 0, log: Optional[Callable[[str], None]] = None, max_memory: Optional[int] = None,
-          stored_path: Optional[str] = None) -> VectorIndex:
+          stored_path: Optional[str] = None, trained: Optional["VectorIndex"] = None) -> VectorIndex:
     """An index over every vector `batches(adding)` yields: called with adding=True once, after a sampling pass
     (adding=False) for the kinds that train.
 
-    A compressed index writes the normalised vectors to `stored_path` (a local file) while adding them.
+    A compressed index writes the normalised vectors to `stored_path` (a local file) while adding them. With
+    `trained` (an index of the kind whose quantizer and codebooks to keep: a compaction), nothing is trained and
+    the sampling pass gathers only the queries that tune and measure it.
     """
     faiss = import_faiss()
     log = log or (lambda message: None)
-    layout = choose_layout(kind, count, dim, max_memory)
+    if trained is not None:
+        layout = Layout(trained.kind, count, dim, trained.params.get("code_bytes", 0))
+    else:
+        layout = choose_layout(kind, count, dim, max_memory)
     if layout.kind == "exact" or count < 2 * TRAINING_PER_LIST:
         index = faiss.IndexFlatIP(dim)
         for vectors in batches(True):
             index.add(normalised(vectors))
         return VectorIndex(index, "exact", {"index": "IndexFlatIP", "memory_bytes": Layout("exact", count, dim).memory})
 
-    lists = layout.lists
+    lists = layout.lists if trained is None else faiss.extract_index_ivf(trained.index).nlist
     rng = np.random.default_rng(seed)
     queries = query_count(count)
-    training = min(count - 2 * queries, lists * TRAINING_PER_LIST)
+    training = 0 if trained is not None else min(count - 2 * queries, lists * TRAINING_PER_LIST)
     # Queries that tune the probes and queries that measure the result: neither trained on, nor each other.
     chosen = rng.choice(count, size=training + 2 * queries, replace=False)
     parts = [np.sort(part) for part in (chosen[:training], chosen[training:training + queries],
@@ -379,22 +427,29 @@ def build(batches: Callable[[bool], Iterator[np.ndarray]], count: int, dim: int,
     gathered = _rows(batches(False), wanted, dim)
     sample, tuning_vectors, held_out = (gathered[np.searchsorted(wanted, part)] for part in parts)
     del gathered
-    if not queries:  # every vector trains (a small collection): tuned on training vectors, nothing held out
-        tuning_vectors = sample[np.sort(rng.choice(training, min(TUNING_QUERIES, training), replace=False))]
-    log(f"Training {layout.describe()} on {len(sample)} vectors ...")
-    if layout.kind == "ann":
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
-        index.cp.seed = seed
-        described = "IndexIVFFlat"
+    if trained is not None:
+        index, described = trained.index, trained.params["index"]
+        index.reset()  # the vectors go; the coarse quantizer and the codebooks stay
+        training_facts = trained.params["training"]
+        log(f"Compacting: adding {count} vectors to the inverted lists trained before ...")
     else:
-        described = layout.factory
-        index = faiss.index_factory(dim, described, faiss.METRIC_INNER_PRODUCT)
-        faiss.extract_index_ivf(index).cp.seed = seed
-    index.train(sample)
-    truth = _TopK(tuning_vectors, 10)  # exact neighbours gathered while adding
-    check = _TopK(held_out, 10)
+        if not queries:  # every vector trains (a small collection): tuned on training vectors, nothing held out
+            tuning_vectors = sample[np.sort(rng.choice(training, min(TUNING_QUERIES, training), replace=False))]
+        log(f"Training {layout.describe()} on {len(sample)} vectors ...")
+        if layout.kind == "ann":
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
+            index.cp.seed = seed
+            described = "IndexIVFFlat"
+        else:
+            described = layout.factory
+            index = faiss.index_factory(dim, described, faiss.METRIC_INNER_PRODUCT)
+            faiss.extract_index_ivf(index).cp.seed = seed
+        index.train(sample)
+        training_facts = {"vectors": len(sample), "collection": count, "added_since": 0}
+        log(f"Adding {count} vectors ...")
+    truth = TopK(tuning_vectors, TRUTH_DEPTH)  # exact neighbours gathered while adding
+    check = TopK(held_out, TRUTH_DEPTH)
     del sample
-    log(f"Adding {count} vectors ...")
     writer = open(stored_path, "wb") if layout.kind == "compressed" else None
     try:
         base = 0
@@ -409,48 +464,91 @@ def build(batches: Callable[[bool], Iterator[np.ndarray]], count: int, dim: int,
     finally:
         if writer:
             writer.close()
-    params = {"index": described, "lists": lists, "tuning_queries": len(truth.queries)}
+    params = {"index": described, "lists": lists, "tuning_queries": len(truth.queries), "training": training_facts}
     if layout.kind == "ann":
         index.make_direct_map()
         built = VectorIndex(index, "ann", params)
     else:
         params.update(code_bytes=layout.code_bytes)
         built = VectorIndex(index, "compressed", params, StoredVectors(stored_path, count, dim))
-    nprobe, depth, recall = _tune(built, truth)
-    params.update(nprobe=nprobe, tuned_recall_at_10=round(recall, 4), memory_bytes=layout.memory)
-    if layout.kind == "compressed":
-        params["rerank_depth"] = depth
-    measured = ""
-    if len(check.queries):
-        held_recall = recall_at_k(built, check)
-        params.update(held_out_recall_at_10=round(held_recall, 4), held_out_queries=len(check.queries))
-        measured = f", {held_recall:.3f} on {len(check.queries)} held-out vectors"
-    log(f"Probing {nprobe} of {lists} lists: recall@10 {recall:.3f} against exact search on the tuning "
-        f"queries{measured} (neither set trained on).")
+    built.truth = {"tuning": truth, "held_out": check}
+    retune(built, log)
+    if trained is None and "held_out_recall_at_10" in params:
+        training_facts["held_out_recall_at_10"] = params["held_out_recall_at_10"]
+    params["memory_bytes"] = layout.memory
     return built
 
 
-def recall_at_k(index: "VectorIndex", truth: "_TopK") -> float:
-    """Mean share of each query's exact k nearest rows that the index returns (the query's own row counted)."""
-    k = min(truth.k, index.count)
-    _, found = index.search(truth.queries, k)
-    return float(np.mean([len(set(f) & set(e[:k])) / k for f, e in zip(found, truth.rows)]))
+def retune(index: "VectorIndex", log: Callable[[str], None]) -> None:
+    """Tunes the probes (and re-rank depth) on the index's tuning queries and records the held-out recall."""
+    truth, check, params = index.truth["tuning"], index.truth["held_out"], index.params
+    nprobe, depth, recall = _tune(index, truth)
+    params.update(nprobe=nprobe, tuned_recall_at_10=round(recall, 4), tuning_queries=int(truth.usable(10).sum()))
+    if index.kind == "compressed":
+        params["rerank_depth"] = depth
+    measured = ""
+    if check.usable(10).any():
+        held_recall = recall_at_k(index, check)
+        params.update(held_out_recall_at_10=round(held_recall, 4), held_out_queries=int(check.usable(10).sum()))
+        measured = f", {held_recall:.3f} on {params['held_out_queries']} held-out vectors"
+    log(f"Probing {nprobe} of {params['lists']} lists: recall@10 {recall:.3f} against exact search on the tuning "
+        f"queries{measured} (neither set trained on).")
 
 
-class _TopK:
-    """The exact k nearest rows of a few queries, kept up to date as batches of vectors go by."""
+def recall_at_k(index: "VectorIndex", truth: "TopK", k: int = 10) -> float:
+    """Mean share of each query's exact k nearest rows that the index returns (the query's own row counted), over
+    the queries whose k nearest are known."""
+    k = min(k, index.count)
+    usable = truth.usable(k)
+    _, found = index.search(truth.queries[usable], k)
+    return float(np.mean([len(set(f) & set(e[:k])) / k for f, e in zip(found, truth.rows[usable])]))
+
+
+class TopK:
+    """The exact nearest rows of a few queries, kept up to date as vectors are added and rows removed.
+
+    `bound` is, per query, the highest score of any row that left the list by being outscored: a listed row
+    scoring above it is certainly among the query's nearest, so after removals the list is still exact down to
+    there, and rows added later merge in. A query whose list is exact for fewer than k rows no longer counts.
+    """
 
     def __init__(self, queries: np.ndarray, k: int):
         self.queries, self.k = queries, k
         self.scores = np.full((len(queries), k), -np.inf, np.float32)
         self.rows = np.full((len(queries), k), -1, np.int64)
+        self.bound = np.full(len(queries), -np.inf, np.float32)
 
     def add(self, vectors: np.ndarray, base: int) -> None:
         scores = self.queries @ vectors.T
         merged = np.concatenate([self.scores, scores], 1)
         rows = np.concatenate([self.rows, np.broadcast_to(np.arange(base, base + len(vectors)), scores.shape)], 1)
-        order = np.argsort(-merged, axis=1, kind="stable")[:, :self.k]
+        order = np.argsort(-merged, axis=1, kind="stable")
+        if order.shape[1] > self.k:
+            self.bound = np.maximum(self.bound, np.take_along_axis(merged, order[:, self.k:], 1).max(axis=1))
+        order = order[:, :self.k]
         self.scores, self.rows = np.take_along_axis(merged, order, 1), np.take_along_axis(rows, order, 1)
+
+    def remove(self, rows: np.ndarray) -> None:
+        gone = np.isin(self.rows, rows)
+        self.scores[gone], self.rows[gone] = -np.inf, -1
+        order = np.argsort(-self.scores, axis=1, kind="stable")
+        self.scores, self.rows = np.take_along_axis(self.scores, order, 1), np.take_along_axis(self.rows, order, 1)
+
+    def usable(self, k: int) -> np.ndarray:
+        """The mask of queries whose k nearest rows are known exactly."""
+        return ((self.scores > self.bound[:, None]) & (self.rows >= 0)).sum(axis=1) >= k
+
+    def arrays(self, name: str) -> dict:
+        """Its arrays, named for np.savez beside other sets'."""
+        return {f"{name}_{field}": getattr(self, field) for field in ("queries", "scores", "rows", "bound")}
+
+    @classmethod
+    def from_arrays(cls, arrays, name: str) -> "TopK":
+        found = cls.__new__(cls)
+        for field in ("queries", "scores", "rows", "bound"):
+            setattr(found, field, arrays[f"{name}_{field}"])
+        found.k = found.rows.shape[1]
+        return found
 
 
 def _rows(batches: Iterator[np.ndarray], wanted: np.ndarray, dim: int) -> np.ndarray:
