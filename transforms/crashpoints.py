@@ -15,6 +15,8 @@ a point with `arm` instead. Without either variable a point costs two environmen
     publish.lancedb.upserted    the first upsert committed
     publish.lancedb.deleted     the upserts and deletes committed, the final state not recorded
     publish.postgres.copied     the rows copied into the session's temporary table, the transaction open
+    search.update.written   a search update's new files are written, search.json still names the old ones
+    search.published        search.json names the new build, the files only the old one used are not deleted
 """
 
 from __future__ import annotations

@@ -132,7 +132,11 @@ def nearest(index: SearchIndex, vectors: np.ndarray, queries: list, k: int, own_
 def query_by_ids(index: SearchIndex, ids: list, k: int) -> tuple[list, list]:
     """(hits, failures) for queries by indexed id."""
     rows = index.rows_of(ids)
-    unknown = [(id_, f"id {id_!r} is not in the index ({index.root}).") for id_, row in zip(ids, rows) if row is None]
+    gone = index.items.removed_ids([id_ for id_, row in zip(ids, rows) if row is None])
+    source = index.manifest.get("index_source", {}).get("root")
+    unknown = [(id_, f"id {id_!r} was in the index and is gone: it left the view of {source} (search update "
+                     f"removed it)." if id_ in gone else f"id {id_!r} is not in the index ({index.root}).")
+               for id_, row in zip(ids, rows) if row is None]
     known = [(id_, row) for id_, row in zip(ids, rows) if row is not None]
     if not known:
         return [], unknown

@@ -221,7 +221,7 @@ def publish_manifest(root: str, manifest: dict, replacing: Optional[object]) -> 
     kept = {name for names in file_names(manifest).values() for name in names}
     old = [FileSystems.join(root, name) for names in previous.values() for name in names if name not in kept]
     old += _orphans(root, manifest, kept)
-    old = [path for path in old if FileSystems.exists(path)]
+    old = [path for path in sorted(set(old)) if FileSystems.exists(path)]
     if old:
         FileSystems.delete(old)
 

@@ -238,12 +238,19 @@ class VectorIndex:
     def remove(self, rows) -> None:
         """Tombstones `rows`: no search returns them from now on (their vectors stay until a compaction)."""
         self.removed = np.union1d(self.removed, np.asarray(rows, np.int64))
-        self._selector = None
-        if len(self.removed):
+        self._selection = None
+
+    def _selector(self):
+        """A faiss selector of the rows not removed (None when none is), made again once rows were added."""
+        if not len(self.removed):
+            return None
+        if self._selection is None or self._selection[0] != self.rows:
+            faiss = import_faiss()
             live = np.ones(self.rows, bool)
             live[self.removed] = False
-            self._bitmap = np.packbits(live, bitorder="little")  # kept alive: the selector points into it
-            self._selector = import_faiss().IDSelectorBitmap(self.rows, import_faiss().swig_ptr(self._bitmap))
+            bitmap = np.packbits(live, bitorder="little")  # kept alive with the selector, which points into it
+            self._selection = (self.rows, bitmap, faiss.IDSelectorBitmap(self.rows, faiss.swig_ptr(bitmap)))
+        return self._selection[2]
 
     @property
     def rows(self) -> int:
@@ -261,13 +268,14 @@ class VectorIndex:
 
     def _params(self, nprobe: Optional[int] = None):
         """faiss search parameters that skip removed rows (None when nothing is removed and nprobe is as tuned)."""
-        if self._selector is None and nprobe is None:
+        selector = self._selector()
+        if selector is None and nprobe is None:
             return None
         faiss = import_faiss()
         if self.kind == "exact":
-            return faiss.SearchParameters(sel=self._selector)
+            return faiss.SearchParameters(sel=selector)
         probes = nprobe or faiss.extract_index_ivf(self.index).nprobe
-        return faiss.SearchParametersIVF(sel=self._selector, nprobe=probes) if self._selector is not None else \
+        return faiss.SearchParametersIVF(sel=selector, nprobe=probes) if selector is not None else \
             faiss.SearchParametersIVF(nprobe=probes)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
