@@ -14,19 +14,17 @@ import subprocess
 import sys
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from helpers import commit_run, commit_update, synthetic_metadata
+
 from pipeline.index.store import IndexStore, new_name
 from pipeline.search.__main__ import main as search
 from pipeline.search.store import file_names, open_search_index
-from transforms.sink import embeddings_schema
 
 DIM = 32
-METADATA = {"model": "custom", "handle": "/models/x", "fingerprint": "sha256:x", "image_size": "64", "dim": str(DIM),
-            "preprocessing": "p", "precision": "float32", "weights": "w"}
 CENTRES = np.random.default_rng(0).standard_normal((40, DIM))
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -40,7 +38,7 @@ class Nights:
 
     def __init__(self, root: str, seed: int = 0):
         self.store, self.rng = IndexStore(root), np.random.default_rng(seed)
-        self.store.create_identity(METADATA)
+        self.store.create_identity(synthetic_metadata(DIM))
         self.view: dict = {}  # id -> vector: the oracle
         self.next_id = 0
 
@@ -56,26 +54,12 @@ class Nights:
         for id_ in leaving:
             del self.view[id_]
         self.view.update(zip(embedded, vectors))
-        entries = self.store.log()
-        update, run = new_name(), new_name() + "-run"
-        seq = len(entries)
+        update, seq = new_name(), len(self.store.log())
         if embedded:
-            folder = self.store.run_dir(run)
-            os.makedirs(folder)
-            table = pa.Table.from_arrays(
-                [pa.array(embedded), pa.array([f"gs://b/{i}.jpg" for i in embedded]),
-                 pa.array([None] * len(embedded), pa.string()),
-                 pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), DIM)],
-                schema=embeddings_schema(DIM, METADATA))
-            pq.write_table(table, os.path.join(folder, "embeddings-00000-of-00001.parquet"))
             seq += 1
-            self.store.append(seq, {"kind": "run", "run": run, "update": update})
-        folder = self.store.update_dir(update)
-        os.makedirs(folder)
+            commit_run(self.store, seq, update + "-run", update, [(i, f"gs://b/{i}.jpg") for i in embedded], vectors)
         live = sorted(self.view)
-        pq.write_table(pa.table({"id": live, "uri": [f"gs://b/{i}.jpg" for i in live]}),
-                       os.path.join(folder, "live-00000.parquet"))
-        self.store.append(seq + 1, {"kind": "update", "update": update})
+        commit_update(self.store, seq + 1, update, [(i, f"gs://b/{i}.jpg") for i in live])
 
     def exact(self, queries: np.ndarray, k: int) -> list:
         """The ids of each query's k nearest vectors of the view, by numpy."""
@@ -298,3 +282,26 @@ def test_kill_9_during_an_update_leaves_a_whole_build_served_and_the_next_update
     manifest = json.loads(open(os.path.join(folder, "search.json")).read())
     assert sorted(os.listdir(folder)) == sorted([".search.json.lock", "search.json",
                                                  *(n for names in file_names(manifest).values() for n in names)])
+
+
+def _readme_search_commands() -> list:
+    import re
+
+    text = open(os.path.join(os.path.dirname(HERE), "README.md")).read()
+    found = []
+    for line in text.splitlines():
+        line = re.sub(r"\s+#.*$", "", line.strip())
+        if line.startswith("python -m pipeline.search "):
+            found.append(line)
+    return found
+
+
+@pytest.mark.parametrize("command", _readme_search_commands())
+def test_every_documented_search_command_parses(command):
+    import re
+    import shlex
+
+    from pipeline.search.__main__ import _parser
+
+    words = shlex.split(re.sub(r"\s\[[^\]]*\]", "", command))[3:]
+    _parser().parse_args(words)  # exits 2 (failing the test) on a flag or subcommand it does not know

@@ -119,7 +119,7 @@ def update_search_index(root: str, index_root: str, retrain: str, log: Callable[
         if entered.count:
             with_sha256 = _append(vectors, entered, generation, files)
         if vectors.truth:
-            retune(vectors, log)
+            retune(vectors, log, keep_if_reached=True)
             drop = training.get("held_out_recall_at_10", 0) - vectors.params.get("held_out_recall_at_10", 1)
             if drop > RECALL_DROP:
                 generation.discard()

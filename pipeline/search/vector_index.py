@@ -203,23 +203,16 @@ class StoredVectors:
         for fd in getattr(self, "_fds", ()):
             close(fd)
 
-    def _read(self, out: np.ndarray, row: int) -> None:
-        """Rows row.. into `out`, across segments."""
-        buffer, done = memoryview(out).cast("B"), 0
-        while done < len(out):
-            segment = int(np.searchsorted(self._starts, row + done, side="right")) - 1
-            take = min(len(out) - done, int(self._starts[segment + 1]) - row - done)
-            os.preadv(self._fds[segment], [buffer[done * self._row_bytes:(done + take) * self._row_bytes]],
-                      (row + done - int(self._starts[segment])) * self._row_bytes)
-            done += take
-
     def rows(self, rows) -> np.ndarray:
         """The vectors of `rows` (any order, repeats allowed), read in file order."""
         rows = np.asarray(rows, np.int64).reshape(-1)
         unique, where = np.unique(rows, return_inverse=True)
         out = np.empty((len(unique), self.dim), np.float32)
-        for position, row in enumerate(unique.tolist()):
-            self._read(out[position:position + 1], row)
+        buffer, size = memoryview(out).cast("B"), self._row_bytes
+        segments = np.searchsorted(self._starts, unique, side="right") - 1
+        offsets = (unique - self._starts[segments]) * size
+        for position, (segment, offset) in enumerate(zip(segments.tolist(), offsets.tolist())):
+            os.preadv(self._fds[segment], [buffer[position * size:(position + 1) * size]], offset)
         return out[where.reshape(-1)]
 
 
@@ -487,10 +480,17 @@ def build(batches: Callable[[bool], Iterator[np.ndarray]], count: int, dim: int,
     return built
 
 
-def retune(index: "VectorIndex", log: Callable[[str], None]) -> None:
-    """Tunes the probes (and re-rank depth) on the index's tuning queries and records the held-out recall."""
+def retune(index: "VectorIndex", log: Callable[[str], None], keep_if_reached: bool = False) -> None:
+    """Tunes the probes (and re-rank depth) on the index's tuning queries and records the held-out recall.
+
+    `keep_if_reached` (an update): the setting in use is kept while it still reaches TUNED_RECALL, one measurement
+    instead of a search over settings, each of which reads candidates' exact vectors from disk."""
     truth, check, params = index.truth["tuning"], index.truth["held_out"], index.params
-    nprobe, depth, recall = _tune(index, truth)
+    recall = recall_at_k(index, truth) if keep_if_reached else 0.0
+    if recall >= TUNED_RECALL:
+        nprobe, depth = params["nprobe"], params.get("rerank_depth", 1)
+    else:
+        nprobe, depth, recall = _tune(index, truth)
     params.update(nprobe=nprobe, tuned_recall_at_10=round(recall, 4), tuning_queries=int(truth.usable(10).sum()))
     if index.kind == "compressed":
         params["rerank_depth"] = depth
