@@ -361,7 +361,10 @@ def test_max_memory_shrinks_the_codes_and_refuses_what_cannot_fit_before_any_wor
 
     _synthetic_run(str(tmp_path / "run"), 6000, dim=64)
     files = str(tmp_path / "run" / "embeddings-*.parquet")
-    short = Layout("compressed", 6000, 64, code_bytes=32).build_memory - 1  # a byte short of the roomiest layout
+    from pipeline.search.collection import from_files
+
+    read = from_files(files).row_group_bytes  # the reader holds a whole row group: the estimate counts it
+    short = Layout("compressed", 6000, 64, code_bytes=32, row_group_bytes=read).build_memory - 1  # a byte short
     assert search(["build", "--embeddings", files, "--output", str(tmp_path / "tight"), "--kind", "compressed",
                    "--max_memory", str(short)]) == 0
     index = json.loads((tmp_path / "tight" / "search.json").read_text())["index"]
@@ -370,7 +373,7 @@ def test_max_memory_shrinks_the_codes_and_refuses_what_cannot_fit_before_any_wor
     assert search(["build", "--embeddings", files, "--output", str(tmp_path / "exact"), "--kind", "exact",
                    "--max_memory", "100MB"]) == 2
     err = capsys.readouterr().err
-    assert f"needs about {human(Layout('exact', 6000, 64).build_memory)} to build" in err
+    assert f"needs about {human(Layout('exact', 6000, 64, row_group_bytes=read).build_memory)} to build" in err
     assert "--max_memory 100.0 MB" in err and "--kind compressed" in err
     assert not (tmp_path / "exact").exists()
     with pytest.raises(SystemExit):
@@ -499,3 +502,32 @@ def test_a_budget_nothing_fits_is_refused_naming_the_smallest_layout_it_tried():
     smallest_codes = 1664 // max(DIMS_PER_CODE_BYTE)
     assert f"IVF{list_count(500_000) // 4},PQ{2 * smallest_codes}x4fs" in message  # fewest lists, smallest codes
     assert "more than --max_memory 1.00 GB" in message and "about 1.00 GB" not in message  # 1,060 MiB is not 1.0
+
+
+def test_a_build_under_a_budget_that_binds_stays_within_it(tmp_path):
+    """The budget is set just below what exact and ann need, so auto must pick compressed codes; the build's peak
+    resident memory (VmHWM, read by the process itself at the end) stays within the budget. Files of one whole
+    row group: the reader holds it, and the estimate counts it."""
+    import subprocess
+    import sys
+
+    from pipeline.search.collection import from_files
+    from pipeline.search.vector_index import Layout, list_count
+
+    _synthetic_run(str(tmp_path / "run"), 40_000, dim=512)
+    files = str(tmp_path / "run" / "embeddings-*.parquet")
+    collection = from_files(files)
+    assert collection.row_group_bytes > 40_000 * 512 * 4  # the whole file is one row group
+    budget = min(Layout(kind, collection.count, collection.dim, row_group_bytes=collection.row_group_bytes).build_memory
+                 for kind in ("exact", "ann")) - 2**20
+    assert list_count(40_000) > 1
+    probe = ("import sys; from pipeline.search.__main__ import main; code = main(sys.argv[1:]); "
+             "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]); sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", probe, "build", "--embeddings", files, "--output",
+                           str(tmp_path / "idx"), "--max_memory", f"{budget}"], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr
+    assert "compressed search" in done.stderr
+    peak = int(done.stdout.split()[-1]) * 1024
+    assert peak <= budget, f"peak {peak >> 20} MB over the budget of {budget >> 20} MB"
+    print(f"peak {peak >> 20} MB under a budget of {budget >> 20} MB")

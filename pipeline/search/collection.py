@@ -42,6 +42,7 @@ class Collection:
     count: int
     keep: Optional[tuple] = None  # per file, a mask of the rows in an index's current view; None keeps every row
     source: Optional[dict] = None  # from an index: its root, index_id and the log length (seq) of the view
+    row_group_bytes: int = 0  # the largest row group of the files, uncompressed: a reader holds one whole
 
     @property
     def dim(self) -> int:
@@ -86,15 +87,18 @@ def _embedding_metadata(schema: pa.Schema) -> dict:
             if k.decode().startswith(METADATA_PREFIX)}
 
 
-def _read_footers(files: list) -> tuple[dict, int]:
-    """The shared metadata and the total row count; refuses files whose vectors are not comparable."""
+def _read_footers(files: list) -> tuple[dict, int, int]:
+    """The shared metadata, the total row count and the largest row group (uncompressed bytes); refuses files
+    whose vectors are not comparable."""
     import pyarrow.parquet as pq
 
-    metadata, first, count = None, None, 0
+    metadata, first, count, largest = None, None, 0, 0
     for path in files:
         with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
             parquet = pq.ParquetFile(f)
             count += parquet.metadata.num_rows
+            largest = max([largest] + [parquet.metadata.row_group(g).total_byte_size
+                                       for g in range(parquet.metadata.num_row_groups)])
             this = _embedding_metadata(parquet.schema_arrow)
         if "embedding" not in parquet.schema_arrow.names or "dim" not in this:
             raise CollectionError(f"{path} is not an embeddings file of this pipeline (no embedding column or "
@@ -106,7 +110,7 @@ def _read_footers(files: list) -> tuple[dict, int]:
                 f"{first} and {path} hold vectors of different models or preprocessing "
                 f"({'; '.join(metadata_differences(metadata, this))}); an index holds one model. Build from one "
                 f"model's files.")
-    return metadata, count
+    return metadata, count, largest
 
 
 def from_files(pattern: str) -> Collection:
@@ -117,8 +121,8 @@ def from_files(pattern: str) -> Collection:
     files = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
     if not files:
         raise CollectionError(f"--embeddings {pattern} matches no files.")
-    metadata, count = _read_footers(files)
-    return Collection(described=pattern, files=tuple(files), metadata=metadata, count=count)
+    metadata, count, largest = _read_footers(files)
+    return Collection(described=pattern, files=tuple(files), metadata=metadata, count=count, row_group_bytes=largest)
 
 
 def from_index(root: str) -> Collection:
@@ -144,6 +148,6 @@ def index_source(store, entries) -> dict:
 def selected(described: str, files: list, masks: list, count: int, source: dict) -> Collection:
     """The rows of `masks` in the (seq, path) `files` of an index."""
     used = [(path, mask) for (_, path), mask in zip(files, masks) if mask.any()]
-    metadata, _ = _read_footers([path for path, _ in used]) if used else ({}, 0)
+    metadata, _, largest = _read_footers([path for path, _ in used]) if used else ({}, 0, 0)
     return Collection(described=described, files=tuple(p for p, _ in used), metadata=metadata, count=count,
-                      keep=tuple(mask for _, mask in used), source=source)
+                      keep=tuple(mask for _, mask in used), source=source, row_group_bytes=largest)

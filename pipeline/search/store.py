@@ -153,7 +153,8 @@ def build_search_index(collection: Collection, root: str, kind: str, overwrite: 
     if current is not None and not overwrite:
         raise SearchIndexError(f"{root} already holds a search index; pass --overwrite to replace it, or another "
                                f"--output.")
-    layout = choose_layout(kind, collection.count, collection.dim, max_memory) if trained is None else None
+    layout = choose_layout(kind, collection.count, collection.dim, max_memory, collection.row_group_bytes) \
+        if trained is None else None
     generation = Generation(root)
     try:
         items = ItemsWriter(generation.path("items", "parquet"))
@@ -166,7 +167,8 @@ def build_search_index(collection: Collection, root: str, kind: str, overwrite: 
                 yield batch.vectors
 
         index = build(batches, collection.count, collection.dim, kind if trained is None else trained.kind, log=log,
-                      max_memory=max_memory, stored_path=stored, trained=trained)
+                      max_memory=max_memory, stored_path=stored, trained=trained,
+                      row_group_bytes=collection.row_group_bytes)
         _refuse_repeated_ids(items.close(), os.path.join(generation.local, generation.files[0]), collection)
         files = {"items": [generation.files[0]]}
         if stored:

@@ -40,9 +40,10 @@ NEIGHBOUR_LISTS = 4  # compressed duplicates: each list is also compared with it
 RERANK_DEPTHS = (10, 20, 40, 100, 200)  # compressed: candidates re-ranked per neighbour asked for, tried in tuning
 DIMS_PER_CODE_BYTE = (2, 4, 8, 16, 32)  # compressed: code sizes tried in this order (dim/2 bytes a vector first)
 MAX_PROBES = 256  # tuning stops doubling the lists probed here: beyond, a query scans too much of the index
-PROCESS_BASE = 300 * 2**20  # Python with Beam, pyarrow and faiss loaded (measured: 250-300 MB)
+PROCESS_BASE = 400 * 2**20  # Python with Beam, pyarrow, faiss and the index reader loaded (measured: 376-407 MB)
 TRAINING_SCRATCH = 1.25  # k-means blocks and buffers on top of the training data (measured: 4.18 GB at 2M x 1664)
 READ_COPIES = 6  # a batch of rows read from Parquet and normalised peaks at about 6 copies of its floats (measured)
+ROW_GROUP_COPIES = 1.8  # a row group is read whole before it is cut into batches (measured: +1.16 GB for 640 MB)
 UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
 
@@ -111,6 +112,7 @@ class Layout:
     dim: int
     code_bytes: int = 0  # compressed: bytes per vector (two 4-bit product-quantizer codes a byte)
     fewer_lists: int = 1  # compressed under a tight budget: list_count / this (a smaller training sample)
+    row_group_bytes: int = 0  # the largest row group of the files read (uncompressed)
 
     @property
     def lists(self) -> int:
@@ -134,8 +136,12 @@ class Layout:
         sample = 0 if self.kind == "exact" else \
             (min(self.count - queries, self.lists * TRAINING_PER_LIST) + queries) * self.dim * 4
         training = sample * (2 if self.kind == "compressed" else 1) * TRAINING_SCRATCH
-        reading = min(self.count, 8192) * self.dim * 4 * READ_COPIES
-        return PROCESS_BASE + reading + int(max(training, self.memory + (sample if self.kind == "ann" else 0)))
+        return PROCESS_BASE + self.reading + int(max(training, self.memory + (sample if self.kind == "ann" else 0)))
+
+    @property
+    def reading(self) -> int:
+        """Bytes the reader holds: a batch and its copies, and the whole row group it is cut from."""
+        return int(min(self.count, 8192) * self.dim * 4 * READ_COPIES + ROW_GROUP_COPIES * self.row_group_bytes)
 
     def describe(self) -> str:
         if self.kind == "compressed":
@@ -148,11 +154,11 @@ class Layout:
         return f"IVF{self.lists},PQ{2 * self.code_bytes}x4fs"
 
 
-def choose_layout(kind: str, count: int, dim: int, max_memory: Optional[int]) -> Layout:
+def choose_layout(kind: str, count: int, dim: int, max_memory: Optional[int], row_group_bytes: int = 0) -> Layout:
     """The layout `kind` (or auto) gives; with a budget, the best one whose build and index fit it."""
     def compressed():
         sizes = [dim // per for per in DIMS_PER_CODE_BYTE if dim % per == 0] or [dim // 2]
-        layouts = [Layout("compressed", count, dim, m, fewer) for m in sizes for fewer in (1, 2, 4)]
+        layouts = [Layout("compressed", count, dim, m, fewer, row_group_bytes) for m in sizes for fewer in (1, 2, 4)]
         if max_memory is None:
             return layouts[0]
         fitting = [layout for layout in layouts if layout.build_memory <= max_memory]
@@ -161,7 +167,8 @@ def choose_layout(kind: str, count: int, dim: int, max_memory: Optional[int]) ->
 
     if kind == "auto":
         small = count < EXACT_UP_TO
-        candidates = ([Layout("exact", count, dim)] if small else []) + [Layout("ann", count, dim)]
+        candidates = ([Layout("exact", count, dim, row_group_bytes=row_group_bytes)] if small else []) + \
+            [Layout("ann", count, dim, row_group_bytes=row_group_bytes)]
         if max_memory is None:
             layout = candidates[0]
         else:
@@ -169,10 +176,14 @@ def choose_layout(kind: str, count: int, dim: int, max_memory: Optional[int]) ->
     elif kind == "compressed":
         layout = compressed()
     else:
-        layout = Layout(kind, count, dim)
+        layout = Layout(kind, count, dim, row_group_bytes=row_group_bytes)
     if max_memory is not None and layout.build_memory > max_memory:
         instead = ("the smallest codes were tried" if layout.kind == "compressed" else
                    "or use --kind compressed (or auto), which needs the least")
+        if layout.reading > layout.build_memory / 3:
+            instead += (f"; {human(layout.reading)} of it is reading: the files' row groups of up to "
+                        f"{human(row_group_bytes)} are read whole. A snapshot (python -m pipeline.index snapshot) "
+                        f"or the pipeline's own outputs have small ones")
         raise MemoryBudgetError(
             f"A {layout.describe()} index of {count:,} vectors of dim {dim} needs about {human(layout.build_memory)} "
             f"to build and {human(layout.memory)} to query, more than --max_memory {human(max_memory)}. Raise "
@@ -396,7 +407,8 @@ def _rerank(queries: np.ndarray, candidates: np.ndarray, stored: StoredVectors, 
 
 def build(batches: Callable[[bool], Iterator[np.ndarray]], count: int, dim: int, kind: str = "auto",
           seed: int = 0, log: Optional[Callable[[str], None]] = None, max_memory: Optional[int] = None,
-          stored_path: Optional[str] = None, trained: Optional["VectorIndex"] = None) -> VectorIndex:
+          stored_path: Optional[str] = None, trained: Optional["VectorIndex"] = None,
+          row_group_bytes: int = 0) -> VectorIndex:
     """An index over every vector `batches(adding)` yields: called with adding=True once, after a sampling pass
     (adding=False) for the kinds that train.
 
@@ -409,7 +421,7 @@ def build(batches: Callable[[bool], Iterator[np.ndarray]], count: int, dim: int,
     if trained is not None:
         layout = Layout(trained.kind, count, dim, trained.params.get("code_bytes", 0))
     else:
-        layout = choose_layout(kind, count, dim, max_memory)
+        layout = choose_layout(kind, count, dim, max_memory, row_group_bytes)
     if layout.kind == "exact" or count < 2 * TRAINING_PER_LIST:
         index = faiss.IndexFlatIP(dim)
         for vectors in batches(True):
@@ -422,12 +434,11 @@ def build(batches: Callable[[bool], Iterator[np.ndarray]], count: int, dim: int,
     training = 0 if trained is not None else min(count - 2 * queries, lists * TRAINING_PER_LIST)
     # Queries that tune the probes and queries that measure the result: neither trained on, nor each other.
     chosen = rng.choice(count, size=training + 2 * queries, replace=False)
-    parts = [np.sort(part) for part in (chosen[:training], chosen[training:training + queries],
-                                        chosen[training + queries:training + 2 * queries])]
-    wanted = np.unique(np.concatenate(parts))
-    gathered = _rows(batches(False), wanted, dim)
-    sample, tuning_vectors, held_out = (gathered[np.searchsorted(wanted, part)] for part in parts)
-    del gathered
+    # Gathered in one pass straight into place: the sample is a view, never copied (a copy doubled its memory).
+    gathered = _rows(batches(False), chosen, dim)
+    sample = gathered[:training]
+    tuning_vectors = gathered[training:training + queries].copy()
+    held_out = gathered[training + queries:].copy()
     if trained is not None:
         index, described = trained.index, trained.params["index"]
         index.reset()  # the vectors go; the coarse quantizer and the codebooks stay
@@ -450,7 +461,7 @@ def build(batches: Callable[[bool], Iterator[np.ndarray]], count: int, dim: int,
         log(f"Adding {count} vectors ...")
     truth = TopK(tuning_vectors, TRUTH_DEPTH)  # exact neighbours gathered while adding
     check = TopK(held_out, TRUTH_DEPTH)
-    del sample
+    del sample, gathered
     writer = open(stored_path, "wb") if layout.kind == "compressed" else None
     try:
         base = 0
@@ -559,12 +570,14 @@ class TopK:
         return found
 
 
-def _rows(batches: Iterator[np.ndarray], wanted: np.ndarray, dim: int) -> np.ndarray:
-    """The normalised vectors at the sorted row numbers `wanted`, gathered in one pass."""
-    out, base, filled = np.empty((len(wanted), dim), np.float32), 0, 0
+def _rows(batches: Iterator[np.ndarray], chosen: np.ndarray, dim: int) -> np.ndarray:
+    """The normalised vectors at the distinct row numbers `chosen`, in that order, gathered in one pass."""
+    order = np.argsort(chosen, kind="stable")
+    wanted = chosen[order]
+    out, base, filled = np.empty((len(chosen), dim), np.float32), 0, 0
     for vectors in batches:
         upto = np.searchsorted(wanted, base + len(vectors))
-        out[filled:upto] = normalised(vectors[wanted[filled:upto] - base])
+        out[order[filled:upto]] = normalised(vectors[wanted[filled:upto] - base])
         filled, base = upto, base + len(vectors)
     return out
 
