@@ -305,3 +305,26 @@ def test_every_documented_search_command_parses(command):
 
     words = shlex.split(re.sub(r"\s\[[^\]]*\]", "", command))[3:]
     _parser().parse_args(words)  # exits 2 (failing the test) on a flag or subcommand it does not know
+
+
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_an_update_on_gs_or_a_local_folder_is_published_only_over_the_version_it_read(where, tmp_path, request,
+                                                                                     monkeypatch):
+    from pipeline.search.store import SearchIndexError, publish_manifest
+
+    monkeypatch.setenv("SEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    root = str(tmp_path / "root")
+    folder = f"gs://{request.getfixturevalue('gcs').bucket}/search" if where == "gs" else str(tmp_path / "search")
+    index = Nights(root)
+    index.night(new=3000)
+    assert search(["build", "--index", root, "--output", folder, "--kind", "compressed"]) == 0
+    for _ in range(2):
+        index.night(new=60, changed=30, removed=30)
+        assert search(["update", "--index", root, "--output", folder]) == 0
+        assert _live_ids(folder) == sorted(index.view)
+    stale = open_search_index(folder)  # a writer that read search.json before another one published
+    index.night(new=5)
+    assert search(["update", "--index", root, "--output", folder]) == 0
+    with pytest.raises(SearchIndexError, match="Another build or update wrote"):
+        publish_manifest(folder, {**stale.manifest, "written_at": stale.manifest["written_at"]}, stale.version)
+    assert _live_ids(folder) == sorted(index.view)  # the refused writer changed nothing
