@@ -314,7 +314,8 @@ def test_an_update_on_gs_or_a_local_folder_is_published_only_over_the_version_it
 
     monkeypatch.setenv("SEARCH_CACHE_DIR", str(tmp_path / "cache"))
     root = str(tmp_path / "root")
-    folder = f"gs://{request.getfixturevalue('gcs').bucket}/search" if where == "gs" else str(tmp_path / "search")
+    folder = f"gs://{request.getfixturevalue('gcs').bucket}/{tmp_path.name}" if where == "gs" else \
+        str(tmp_path / "search")  # the emulator's bucket is shared by the session's tests: a folder of its own
     index = Nights(root)
     index.night(new=3000)
     assert search(["build", "--index", root, "--output", folder, "--kind", "compressed"]) == 0
