@@ -116,7 +116,13 @@ class Generation:
             if os.path.exists(path):
                 os.remove(path)
 
-    def close(self) -> None:
+    def __enter__(self) -> "Generation":
+        return self
+
+    def __exit__(self, failed, *_) -> None:
+        """Removes what was written if the writer failed; then the scratch folder of a remote index."""
+        if failed is not None:
+            self.discard()
         if self.remote:
             shutil.rmtree(self.local, ignore_errors=True)
 
@@ -155,8 +161,7 @@ def build_search_index(collection: Collection, root: str, kind: str, overwrite: 
                                f"--output.")
     layout = choose_layout(kind, collection.count, collection.dim, max_memory, collection.row_group_bytes) \
         if trained is None else None
-    generation = Generation(root)
-    try:
+    with Generation(root) as generation:
         items = ItemsWriter(generation.path("items", "parquet"))
         stored = generation.path("exact", "f32") if (trained or layout).kind == "compressed" else None
 
@@ -175,11 +180,6 @@ def build_search_index(collection: Collection, root: str, kind: str, overwrite: 
             files["exact_vectors"] = [os.path.basename(stored)]
         save_index_files(generation, index, files)
         generation.upload()
-    except BaseException:
-        generation.discard()
-        raise
-    finally:
-        generation.close()
     manifest = {
         "format": FORMAT,
         "built_at": now(),

@@ -112,10 +112,9 @@ def update_search_index(root: str, index_root: str, retrain: str, log: Callable[
     vectors.remove(old_rows)
     for truth in (vectors.truth or {}).values():
         truth.remove(old_rows)
-    generation = Generation(root)
     files = file_names(manifest)
     with_sha256 = 0
-    try:
+    with Generation(root) as generation:
         if entered.count:
             with_sha256 = _append(vectors, entered, generation, files)
         if vectors.truth:
@@ -129,11 +128,6 @@ def update_search_index(root: str, index_root: str, retrain: str, log: Callable[
             training["added_since"] = training["added_since"] + entered.count
         save_index_files(generation, vectors, files)
         generation.upload()
-    except BaseException:
-        generation.discard()
-        raise
-    finally:
-        generation.close()
     reach("search.update.written")
     after = {**manifest, "format": 2, "written_at": now(), "updated_at": now(), "count": vectors.count,
              "rows": vectors.rows, "files": files, "index_source": index_source(store, entries),
