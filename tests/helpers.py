@@ -12,6 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from pipeline.index.store import IndexStore, new_name
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES = os.path.join(REPO, "samples")
 PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "retina", "hubble_deep_field", "horse")
@@ -234,3 +236,71 @@ def portable_services(worker_python: str, log_path):
 def examples(default: int) -> int:
     """How many examples a generated test runs: `default` (CI), or HYPOTHESIS_EXAMPLES for a longer local run."""
     return int(os.environ.get("HYPOTHESIS_EXAMPLES", default))
+
+
+# Search index tests: an index ROOT written night by night, and the plain dict it must equal.
+DIM = 32  # synthetic clustered vectors: nights of thousands of changes cost milliseconds
+CENTRES = np.random.default_rng(0).standard_normal((40, DIM))
+
+
+def _vectors(rng, count: int) -> np.ndarray:
+    return (CENTRES[rng.integers(0, len(CENTRES), count)] + 0.3 * rng.standard_normal((count, DIM))).astype(np.float32)
+
+
+class Nights:
+    """An index ROOT and the dict it must equal: each night embeds new and changed ids and drops removed ones."""
+
+    def __init__(self, root: str, seed: int = 0):
+        self.store, self.rng = IndexStore(root), np.random.default_rng(seed)
+        self.store.create_identity(synthetic_metadata(DIM))
+        self.view: dict = {}  # id -> vector: the oracle
+        self.next_id = 0
+
+    def night(self, new: int = 0, changed: int = 0, removed: int = 0) -> None:
+        ids = sorted(self.view)
+        picked = self.rng.permutation(len(ids))
+        changing = [ids[i] for i in picked[:changed]]
+        leaving = [ids[i] for i in picked[changed:changed + removed]]
+        fresh = [f"img{self.next_id + i:06d}" for i in range(new)]
+        self.next_id += new
+        embedded = changing + fresh
+        vectors = _vectors(self.rng, len(embedded))
+        for id_ in leaving:
+            del self.view[id_]
+        self.view.update(zip(embedded, vectors))
+        update, seq = new_name(), len(self.store.log())
+        if embedded:
+            seq += 1
+            commit_run(self.store, seq, update + "-run", update, [(i, f"gs://b/{i}.jpg") for i in embedded], vectors)
+        live = sorted(self.view)
+        commit_update(self.store, seq + 1, update, [(i, f"gs://b/{i}.jpg") for i in live])
+
+    def exact(self, queries: np.ndarray, k: int) -> list:
+        """The ids of each query's k nearest vectors of the view, by numpy."""
+        ids = sorted(self.view)
+        matrix = np.stack([self.view[i] for i in ids])
+        matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+        scores = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ matrix.T
+        return [[ids[j] for j in np.argsort(-row, kind="stable")[:k]] for row in scores]
+
+
+def search_lists(folder: str) -> list:
+    """Each inverted list's rows in order (an exact index: its vectors)."""
+    import faiss
+
+    from pipeline.search.store import open_search_index
+
+    vectors = open_search_index(folder).vectors
+    if vectors.kind == "exact":
+        return [vectors.index.reconstruct_n(0, vectors.rows)]
+    ivf = faiss.extract_index_ivf(vectors.index)
+    return [ivf.quantizer.reconstruct_n(0, ivf.nlist)] + [
+        faiss.rev_swig_ptr(ivf.invlists.get_ids(n), ivf.invlists.list_size(n)).copy() for n in range(ivf.nlist)]
+
+
+def search_ids_by_row(folder: str) -> list:
+    """The id of every row of a search index, removed rows included, in row order."""
+    from pipeline.search.store import open_search_index
+
+    opened = open_search_index(folder)
+    return opened.items.take(np.arange(opened.vectors.rows)).column("id").to_pylist()

@@ -211,3 +211,23 @@ def test_the_local_cluster_recipe_prints_its_options_and_stops_every_process_it_
     up.send_signal(signal.SIGTERM)  # as a scheduler (or Ctrl-C) stops it
     assert up.communicate(timeout=60)[0].strip() == "Flink stopped." and up.returncode == 0
     assert not [pid for pid in started if os.path.exists(f"/proc/{pid}")]
+
+
+def test_a_search_index_built_on_flink_is_the_single_process_build(tmp_path, flink):
+    """search build with Flink's options: the sampling and adding passes run on the TaskManagers' Python workers;
+    the quantizer and every inverted list equal those of the single-process build of the same view."""
+    from helpers import Nights, search_ids_by_row, search_lists
+    from pipeline.search.__main__ import main as search
+
+    root, alone, across = str(tmp_path / "root"), str(tmp_path / "alone"), str(tmp_path / "flink")
+    index = Nights(root)
+    index.night(new=2000)
+    index.night(new=300, changed=200, removed=100)
+    assert search(["build", "--index", root, "--output", alone, "--kind", "compressed"]) == 0
+    assert search(["build", "--index", root, "--output", across, "--kind", "compressed", *flink.beam_args()]) == 0
+    assert json.loads((tmp_path / "flink" / "search.json").read_text())["built_by"] == \
+        {"runner": "FlinkRunner", "shards": 2}
+    assert search_ids_by_row(across) == search_ids_by_row(alone)
+    assert sorted(search_ids_by_row(across)) == sorted(index.view)
+    for built_alone, built_across in zip(search_lists(alone), search_lists(across), strict=True):
+        np.testing.assert_array_equal(built_alone, built_across)

@@ -18,56 +18,13 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from helpers import commit_run, commit_update, synthetic_metadata
+from helpers import DIM, Nights
 
-from pipeline.index.store import IndexStore, new_name
+from pipeline.index.store import IndexStore
 from pipeline.search.__main__ import main as search
 from pipeline.search.store import file_names, open_search_index
 
-DIM = 32
-CENTRES = np.random.default_rng(0).standard_normal((40, DIM))
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _vectors(rng, count: int) -> np.ndarray:
-    return (CENTRES[rng.integers(0, len(CENTRES), count)] + 0.3 * rng.standard_normal((count, DIM))).astype(np.float32)
-
-
-class Nights:
-    """An index ROOT and the dict it must equal: each night embeds new and changed ids and drops removed ones."""
-
-    def __init__(self, root: str, seed: int = 0):
-        self.store, self.rng = IndexStore(root), np.random.default_rng(seed)
-        self.store.create_identity(synthetic_metadata(DIM))
-        self.view: dict = {}  # id -> vector: the oracle
-        self.next_id = 0
-
-    def night(self, new: int = 0, changed: int = 0, removed: int = 0) -> None:
-        ids = sorted(self.view)
-        picked = self.rng.permutation(len(ids))
-        changing = [ids[i] for i in picked[:changed]]
-        leaving = [ids[i] for i in picked[changed:changed + removed]]
-        fresh = [f"img{self.next_id + i:06d}" for i in range(new)]
-        self.next_id += new
-        embedded = changing + fresh
-        vectors = _vectors(self.rng, len(embedded))
-        for id_ in leaving:
-            del self.view[id_]
-        self.view.update(zip(embedded, vectors))
-        update, seq = new_name(), len(self.store.log())
-        if embedded:
-            seq += 1
-            commit_run(self.store, seq, update + "-run", update, [(i, f"gs://b/{i}.jpg") for i in embedded], vectors)
-        live = sorted(self.view)
-        commit_update(self.store, seq + 1, update, [(i, f"gs://b/{i}.jpg") for i in live])
-
-    def exact(self, queries: np.ndarray, k: int) -> list:
-        """The ids of each query's k nearest vectors of the view, by numpy."""
-        ids = sorted(self.view)
-        matrix = np.stack([self.view[i] for i in ids])
-        matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
-        scores = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ matrix.T
-        return [[ids[j] for j in np.argsort(-row, kind="stable")[:k]] for row in scores]
 
 
 def _live_ids(folder: str) -> list:

@@ -1,11 +1,15 @@
 """python -m pipeline.search build|query|duplicates: search what the pipeline embedded.
 
     build      (--embeddings 'OUT/embeddings-*.parquet' | --index ROOT) --output INDEX_DIR
-               [--kind auto|exact|ann|compressed] [--max_memory SIZE]
+               [--kind auto|exact|ann|compressed] [--max_memory SIZE] [Beam options: --runner ...]
     update     --index ROOT --output INDEX_DIR [--retrain auto|never|always] [--max_memory SIZE]
     query      --index INDEX_DIR (--image PATH_OR_URI ... | --id ID ...) [-k 10] [--output F.parquet|F.json]
                [--contact_sheet F.png]
     duplicates --index INDEX_DIR --output DUPS.parquet [--threshold T] [--contact_sheet F.png]
+
+With Beam options (--runner DirectRunner --direct_num_workers 2, --runner FlinkRunner ..., --runner
+DataflowRunner ...), build reads and adds the vectors in Beam jobs, a shard per embeddings file, and this process
+trains and merges: the same index as without them.
 
 Similarity is cosine similarity (the inner product of L2-normalised vectors). Exit status: 0 done,
 1 done but some queries could not be answered (each is named), 2 refused before any work.
@@ -27,7 +31,7 @@ from typing import Sequence
 from pipeline.interrupt import exit_with, started
 from pipeline.index.store import IndexCorrupt
 from pipeline.models import duplicate_threshold
-from pipeline.options import refuse_repeated
+from pipeline.options import refuse_repeated, refuse_unknown_args
 from pipeline.runtime import configure_logging
 from pipeline.search.collection import CollectionError, from_files, from_index
 from pipeline.search.contact_sheet import draw_contact_sheet, group_rows, query_rows
@@ -115,12 +119,18 @@ def _open(root: str):
     return index
 
 
-def build(args) -> int:
+def build(args, beam_args: list) -> int:
     started = time.perf_counter()
     collection = from_index(args.index) if args.index else from_files(args.embeddings)
     _say(f"Indexing {plural(collection.count, 'vector')} of {collection.metadata.get('model')} "
          f"(dim {collection.dim}) from {collection.described} ...")
-    manifest = build_search_index(collection, args.output, args.kind, args.overwrite, _say, args.max_memory)
+    if beam_args:
+        from pipeline.search.distributed import build_across_workers
+
+        manifest = build_across_workers(collection, args.output, args.kind, args.overwrite, _say, beam_args,
+                                        args.max_memory)
+    else:
+        manifest = build_search_index(collection, args.output, args.kind, args.overwrite, _say, args.max_memory)
     index = manifest["index"]
     detail = "" if index["kind"] == "exact" else (f", {index['lists']} lists, {index['nprobe']} probed, "
                                                   f"recall@10 {index['tuned_recall_at_10']} on the tuning queries"
@@ -213,15 +223,25 @@ def duplicates(args, parser) -> int:
     return 0
 
 
+def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
+
+
 def main(argv: Sequence[str] = None) -> int:
     parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     refuse_repeated(parser, argv)
-    args = parser.parse_args(argv)
+    args, beam_args = parser.parse_known_args(argv)
+    command = _subcommand(parser, args.command)
+    if beam_args and args.command != "build":
+        refuse_unknown_args(command, beam_args)
+        command.error(f"Beam options ({beam_args[0]}) apply only to search build, which runs its passes over the "
+                      f"vectors as Beam jobs when given them.")
+    refuse_unknown_args(command, beam_args)
     configure_logging(args.verbose)
     try:
         if args.command == "build":
-            return build(args)
+            return build(args, beam_args)
         if args.command == "update":
             return update(args)
         if args.command == "query":

@@ -7,6 +7,7 @@ every vector. Files of different models or preprocessing are refused, as are ids
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Iterator, Optional
 
 import numpy as np
@@ -57,6 +58,22 @@ class Collection:
         """The id of every kept row, in the order of `batches`, read without the vectors."""
         for table in self._tables(("id",), BATCH_ROWS):
             yield from table.column("id").to_pylist()
+
+    def parts(self) -> Iterator["Collection"]:
+        """The collection as one collection per file (with rows to keep), in the order of `batches`; files
+        without kept rows are left out."""
+        import pyarrow.parquet as pq
+
+        for position, path in enumerate(self.files):
+            if self.keep is not None:
+                mask = self.keep[position]
+                count = int(np.count_nonzero(mask))
+            else:
+                with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                    count, mask = pq.ParquetFile(f).metadata.num_rows, None
+            if count:
+                yield dataclasses.replace(self, described=path, files=(path,), count=count,
+                                          keep=None if mask is None else (mask,))
 
     def _tables(self, wanted: tuple, rows: int) -> Iterator[pa.Table]:
         import pyarrow.parquet as pq
@@ -118,7 +135,9 @@ def from_files(pattern: str) -> Collection:
     if FileSystems.exists(pattern) and not pattern.endswith(".parquet"):
         raise CollectionError(f"--embeddings {pattern} is a folder: pass its files, e.g. "
                               f"--embeddings '{FileSystems.join(pattern, 'embeddings-*.parquet')}'.")
-    files = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
+    # Beam matches a bare relative glob ('embeddings-*.parquet') against nothing: matched as an absolute one
+    matched = pattern if "://" in pattern else os.path.abspath(pattern)
+    files = sorted(m.path for m in FileSystems.match([matched])[0].metadata_list)
     if not files:
         raise CollectionError(f"--embeddings {pattern} matches no files.")
     metadata, count, largest = _read_footers(files)

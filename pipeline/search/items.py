@@ -61,11 +61,13 @@ class ItemsWriter:
         self._pending = [table.slice(whole)] if whole < table.num_rows else []
 
     def close(self) -> np.ndarray:
-        """Finishes the file; returns the id fingerprints that occur more than once (checked by `Items`)."""
+        """Finishes the file; returns the id fingerprints that occur more than once (checked by `Items`), and
+        keeps them all in `fingerprints` (a distributed build checks them across shards)."""
         if self._pending:
             self._flush(final=True)
         self._writer.close()
-        return repeated(np.concatenate(self._prints) if self._prints else np.zeros(0, np.uint64))
+        self.fingerprints = np.concatenate(self._prints) if self._prints else np.zeros(0, np.uint64)
+        return repeated(self.fingerprints)
 
 
 class Items:

@@ -108,7 +108,7 @@ class Generation:
     def upload(self) -> None:
         if self.remote:
             for name in self.files:
-                _upload(os.path.join(self.local, name), FileSystems.join(self.root, name))
+                upload_file(os.path.join(self.local, name), FileSystems.join(self.root, name))
 
     def discard(self) -> None:
         for name in self.files:
@@ -174,13 +174,21 @@ def build_search_index(collection: Collection, root: str, kind: str, overwrite: 
         index = build(batches, collection.count, collection.dim, kind if trained is None else trained.kind, log=log,
                       max_memory=max_memory, stored_path=stored, trained=trained,
                       row_group_bytes=collection.row_group_bytes)
-        _refuse_repeated_ids(items.close(), os.path.join(generation.local, generation.files[0]), collection)
+        refuse_repeated_ids(items.close(), [os.path.join(generation.local, generation.files[0])], collection)
         files = {"items": [generation.files[0]]}
-        if stored:
+        if index.kind == "compressed":
             files["exact_vectors"] = [os.path.basename(stored)]
         save_index_files(generation, index, files)
         generation.upload()
-    manifest = {
+    manifest = search_manifest(collection, index, files, items.with_sha256, max_memory, extra)
+    publish_manifest(root, manifest, current)
+    return manifest
+
+
+def search_manifest(collection: Collection, index: VectorIndex, files: dict, with_sha256: int,
+                    max_memory: Optional[int], extra: Optional[dict] = None) -> dict:
+    """search.json of a new build of `collection`."""
+    return {
         "format": FORMAT,
         "built_at": now(),
         "written_at": now(),
@@ -192,14 +200,12 @@ def build_search_index(collection: Collection, root: str, kind: str, overwrite: 
         "metric": METRIC,
         "vectors": "L2-normalised inside the search index only; the embeddings files keep the model's vectors",
         "index": {"library": f"faiss-cpu {import_faiss().__version__}", "kind": index.kind, **index.params},
-        "with_sha256": items.with_sha256,
+        "with_sha256": with_sha256,
         "files": files,
         **({"index_source": collection.source} if collection.source else {}),
         **({"max_memory": max_memory} if max_memory else {}),
         **(extra or {}),
     }
-    publish_manifest(root, manifest, current)
-    return manifest
 
 
 def now() -> str:
@@ -244,9 +250,10 @@ def _orphans(root: str, manifest: dict, kept: set) -> list:
     return found
 
 
-def _refuse_repeated_ids(prints, items_path: str, collection: Collection) -> None:
+def refuse_repeated_ids(prints, items_paths: list, collection: Collection) -> None:
+    """Refuses a build whose items files hold an id twice; `prints` are the fingerprints seen more than once."""
     if len(prints):
-        _, ids = Items(items_path).rows_with("id", prints)
+        _, ids = Items(items_paths).rows_with("id", prints)
         if len(set(ids)) < len(ids):
             repeated = sorted(i for i, n in collections.Counter(ids).items() if n > 1)
             raise CollectionError(
@@ -255,12 +262,12 @@ def _refuse_repeated_ids(prints, items_path: str, collection: Collection) -> Non
                 f"or --index ROOT.")
 
 
-def _upload(local: str, path: str) -> None:
+def upload_file(local: str, path: str) -> None:
     with open(local, "rb") as source, FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         shutil.copyfileobj(source, f, COPY_BLOCK)
 
 
-def _local_copy(root: str, name: str) -> str:
+def local_copy(root: str, name: str) -> str:
     """A local path of ROOT/NAME: the file itself, or for a remote index a copy in the cache (fetched once)."""
     if "://" not in root:
         return os.path.join(root, name)
@@ -335,14 +342,14 @@ def open_search_index(root: str, with_truth: bool = False) -> SearchIndex:
                                f"{READS[-1]}: rebuild it with python -m pipeline.search build.")
     files = file_names(manifest)
     try:
-        removed = np.load(_local_copy(root, files["removed"][0])) if "removed" in files else None
-        items = Items([_local_copy(root, name) for name in files["items"]], removed)
+        removed = np.load(local_copy(root, files["removed"][0])) if "removed" in files else None
+        items = Items([local_copy(root, name) for name in files["items"]], removed)
         params = {k: v for k, v in manifest["index"].items() if k not in ("library", "kind")}
-        stored = [_local_copy(root, name) for name in files["exact_vectors"]] if "exact_vectors" in files else None
+        stored = [local_copy(root, name) for name in files["exact_vectors"]] if "exact_vectors" in files else None
         vectors = VectorIndex.load(FileSystems.join(root, files["vectors"][0]), manifest["index"]["kind"], params,
                                    stored, removed)
         if with_truth and "truth" in files:
-            with np.load(_local_copy(root, files["truth"][0])) as arrays:
+            with np.load(local_copy(root, files["truth"][0])) as arrays:
                 vectors.truth = {name: TopK.from_arrays(arrays, name) for name in ("tuning", "held_out")}
     except (OSError, RuntimeError, IndexError, ValueError) as exc:  # faiss raises RuntimeError for a file that is gone
         raise SearchIndexError(f"{root} was rebuilt while it was being opened ({exc}); open it again.") from None

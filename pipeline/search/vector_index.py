@@ -405,6 +405,125 @@ def _rerank(queries: np.ndarray, candidates: np.ndarray, stored: StoredVectors, 
     return similarities, rows
 
 
+@dataclasses.dataclass
+class Plan:
+    """What a build of `count` vectors makes, and the rows it samples (`chosen`): training rows, then the tuning
+    queries, then the held-out queries."""
+
+    layout: Layout
+    lists: int = 0
+    chosen: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    training: int = 0
+    queries: int = 0
+    rng: Optional[np.random.Generator] = None
+
+    @property
+    def trains(self) -> bool:
+        return self.layout.kind != "exact"
+
+
+def plan_build(count: int, dim: int, kind: str = "auto", seed: int = 0, max_memory: Optional[int] = None,
+               row_group_bytes: int = 0, trained: Optional["VectorIndex"] = None) -> Plan:
+    """The layout (checked against the budget) and the sample of a build; with `trained` (a compaction), the
+    kind and lists of that index, and a sample of queries only."""
+    if trained is not None:
+        layout = Layout(trained.kind, count, dim, trained.params.get("code_bytes", 0))
+    else:
+        layout = choose_layout(kind, count, dim, max_memory, row_group_bytes)
+    if layout.kind == "exact" or count < 2 * TRAINING_PER_LIST:
+        return Plan(Layout("exact", count, dim))
+    lists = layout.lists if trained is None else import_faiss().extract_index_ivf(trained.index).nlist
+    rng = np.random.default_rng(seed)
+    queries = query_count(count)
+    training = 0 if trained is not None else min(count - 2 * queries, lists * TRAINING_PER_LIST)
+    # Queries that tune the probes and queries that measure the result: neither trained on, nor each other.
+    chosen = rng.choice(count, size=training + 2 * queries, replace=False)
+    return Plan(layout, lists, chosen, training, queries, rng)
+
+
+@dataclasses.dataclass
+class Filling:
+    """An index being filled: the (trained) faiss index, and the sample queries' exact neighbours gathered as
+    vectors are added. A distributed build fills one per shard from the same trained index and merges them."""
+
+    index: object
+    kind: str
+    described: str
+    training: dict  # what the quantizer was trained on
+    truth: Optional["TopK"] = None
+    check: Optional["TopK"] = None
+
+    def add(self, unit: np.ndarray, base: int) -> None:
+        """Adds normalised vectors as rows base, base + 1, ..."""
+        if self.kind == "exact":
+            self.index.add(unit)
+        else:
+            self.index.add_with_ids(unit, np.arange(base, base + len(unit), dtype=np.int64))
+            self.truth.add(unit, base)
+            self.check.add(unit, base)
+
+
+def start_filling(plan: Plan, gathered: Optional[np.ndarray], dim: int, seed: int = 0,
+                  log: Optional[Callable[[str], None]] = None, trained: Optional["VectorIndex"] = None) -> Filling:
+    """An empty index of the plan: exact, or trained on the sample `gathered` (the plan's chosen rows, normalised;
+    the sample is a view into it, never copied), or `trained`'s quantizer and codebooks kept (its vectors go)."""
+    faiss = import_faiss()
+    log = log or (lambda message: None)
+    if not plan.trains:
+        return Filling(faiss.IndexFlatIP(dim), "exact", "IndexFlatIP", {})
+    sample = gathered[:plan.training]
+    tuning = gathered[plan.training:plan.training + plan.queries].copy()
+    held_out = gathered[plan.training + plan.queries:].copy()
+    if trained is not None:
+        index, described = trained.index, trained.params["index"]
+        index.reset()  # the vectors go; the coarse quantizer and the codebooks stay
+        if plan.layout.kind == "ann":  # made again once filled: rows are added with their ids
+            index.set_direct_map_type(faiss.DirectMap.NoMap)
+        facts = trained.params["training"]
+        log(f"Compacting: adding {plan.layout.count} vectors to the inverted lists trained before ...")
+    else:
+        if not plan.queries:  # every vector trains (a small collection): tuned on training vectors, nothing held out
+            tuning = sample[np.sort(plan.rng.choice(plan.training, min(TUNING_QUERIES, plan.training),
+                                                    replace=False))]
+        log(f"Training {plan.layout.describe()} on {len(sample)} vectors ...")
+        if plan.layout.kind == "ann":
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, plan.lists, faiss.METRIC_INNER_PRODUCT)
+            index.cp.seed = seed
+            described = "IndexIVFFlat"
+        else:
+            described = plan.layout.factory
+            index = faiss.index_factory(dim, described, faiss.METRIC_INNER_PRODUCT)
+            faiss.extract_index_ivf(index).cp.seed = seed
+        index.train(sample)
+        facts = {"vectors": len(sample), "collection": plan.layout.count, "added_since": 0}
+    return Filling(index, plan.layout.kind, described, facts, TopK(tuning, TRUTH_DEPTH), TopK(held_out, TRUTH_DEPTH))
+
+
+def finish(filling: Filling, plan: Plan, stored: Optional[list], log: Optional[Callable[[str], None]] = None,
+           compacting: bool = False) -> VectorIndex:
+    """The filled index, tuned on its sample queries; `stored` are the exact vectors' segment files (compressed)."""
+    log = log or (lambda message: None)
+    count, dim = plan.layout.count, plan.layout.dim
+    if filling.kind == "exact":
+        return VectorIndex(filling.index, "exact", {"index": "IndexFlatIP",
+                                                    "memory_bytes": Layout("exact", count, dim).memory})
+    index = filling.index
+    params = {"index": filling.described, "lists": plan.lists, "tuning_queries": len(filling.truth.queries),
+              "training": filling.training}
+    if filling.kind == "ann":
+        index.make_direct_map()
+        built = VectorIndex(index, "ann", params)
+    else:
+        params.update(code_bytes=plan.layout.code_bytes)
+        built = VectorIndex(index, "compressed", params, StoredVectors(stored, count, dim))
+    built.truth = {"tuning": filling.truth, "held_out": filling.check}
+    retune(built, log)
+    if not compacting and "held_out_recall_at_10" in params:
+        filling.training["held_out_recall_at_10"] = params["held_out_recall_at_10"]
+    params["memory_bytes"] = plan.layout.memory
+    return built
+
+
 def build(batches: Callable[[bool], Iterator[np.ndarray]], count: int, dim: int, kind: str = "auto",
           seed: int = 0, log: Optional[Callable[[str], None]] = None, max_memory: Optional[int] = None,
           stored_path: Optional[str] = None, trained: Optional["VectorIndex"] = None,
@@ -416,79 +535,27 @@ def build(batches: Callable[[bool], Iterator[np.ndarray]], count: int, dim: int,
     `trained` (an index of the kind whose quantizer and codebooks to keep: a compaction), nothing is trained and
     the sampling pass gathers only the queries that tune and measure it.
     """
-    faiss = import_faiss()
     log = log or (lambda message: None)
-    if trained is not None:
-        layout = Layout(trained.kind, count, dim, trained.params.get("code_bytes", 0))
-    else:
-        layout = choose_layout(kind, count, dim, max_memory, row_group_bytes)
-    if layout.kind == "exact" or count < 2 * TRAINING_PER_LIST:
-        index = faiss.IndexFlatIP(dim)
-        for vectors in batches(True):
-            index.add(normalised(vectors))
-        return VectorIndex(index, "exact", {"index": "IndexFlatIP", "memory_bytes": Layout("exact", count, dim).memory})
-
-    lists = layout.lists if trained is None else faiss.extract_index_ivf(trained.index).nlist
-    rng = np.random.default_rng(seed)
-    queries = query_count(count)
-    training = 0 if trained is not None else min(count - 2 * queries, lists * TRAINING_PER_LIST)
-    # Queries that tune the probes and queries that measure the result: neither trained on, nor each other.
-    chosen = rng.choice(count, size=training + 2 * queries, replace=False)
+    plan = plan_build(count, dim, kind, seed, max_memory, row_group_bytes, trained)
     # Gathered in one pass straight into place: the sample is a view, never copied (a copy doubled its memory).
-    gathered = _rows(batches(False), chosen, dim)
-    sample = gathered[:training]
-    tuning_vectors = gathered[training:training + queries].copy()
-    held_out = gathered[training + queries:].copy()
-    if trained is not None:
-        index, described = trained.index, trained.params["index"]
-        index.reset()  # the vectors go; the coarse quantizer and the codebooks stay
-        training_facts = trained.params["training"]
-        log(f"Compacting: adding {count} vectors to the inverted lists trained before ...")
-    else:
-        if not queries:  # every vector trains (a small collection): tuned on training vectors, nothing held out
-            tuning_vectors = sample[np.sort(rng.choice(training, min(TUNING_QUERIES, training), replace=False))]
-        log(f"Training {layout.describe()} on {len(sample)} vectors ...")
-        if layout.kind == "ann":
-            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
-            index.cp.seed = seed
-            described = "IndexIVFFlat"
-        else:
-            described = layout.factory
-            index = faiss.index_factory(dim, described, faiss.METRIC_INNER_PRODUCT)
-            faiss.extract_index_ivf(index).cp.seed = seed
-        index.train(sample)
-        training_facts = {"vectors": len(sample), "collection": count, "added_since": 0}
+    gathered = _rows(batches(False), plan.chosen, dim) if plan.trains else None
+    filling = start_filling(plan, gathered, dim, seed, log, trained)
+    del gathered
+    if plan.trains and trained is None:
         log(f"Adding {count} vectors ...")
-    truth = TopK(tuning_vectors, TRUTH_DEPTH)  # exact neighbours gathered while adding
-    check = TopK(held_out, TRUTH_DEPTH)
-    del sample, gathered
-    writer = open(stored_path, "wb") if layout.kind == "compressed" else None
+    writer = open(stored_path, "wb") if plan.layout.kind == "compressed" else None
     try:
         base = 0
         for vectors in batches(True):
             unit = normalised(vectors)
-            index.add(unit)
-            truth.add(unit, base)
-            check.add(unit, base)
+            filling.add(unit, base)
             base += len(unit)
             if writer:
                 unit.tofile(writer)
     finally:
         if writer:
             writer.close()
-    params = {"index": described, "lists": lists, "tuning_queries": len(truth.queries), "training": training_facts}
-    if layout.kind == "ann":
-        index.make_direct_map()
-        built = VectorIndex(index, "ann", params)
-    else:
-        params.update(code_bytes=layout.code_bytes)
-        built = VectorIndex(index, "compressed", params, StoredVectors(stored_path, count, dim))
-    built.truth = {"tuning": truth, "held_out": check}
-    retune(built, log)
-    if trained is None and "held_out_recall_at_10" in params:
-        training_facts["held_out_recall_at_10"] = params["held_out_recall_at_10"]
-    params["memory_bytes"] = layout.memory
-    return built
+    return finish(filling, plan, [stored_path] if writer else None, log, compacting=trained is not None)
 
 
 def retune(index: "VectorIndex", log: Callable[[str], None], keep_if_reached: bool = False) -> None:
@@ -539,8 +606,17 @@ class TopK:
 
     def add(self, vectors: np.ndarray, base: int) -> None:
         scores = self.queries @ vectors.T
+        self._keep(scores, np.broadcast_to(np.arange(base, base + len(vectors)), scores.shape))
+
+    def merge(self, scores: np.ndarray, rows: np.ndarray, bound: np.ndarray) -> None:
+        """Merges in the lists of the same queries over other rows (a shard's, in a distributed build)."""
+        self.bound = np.maximum(self.bound, bound)
+        self._keep(scores, rows)
+
+    def _keep(self, scores: np.ndarray, rows: np.ndarray) -> None:
+        """Keeps the k best of the lists and the candidates `scores` at `rows`; the best dropped raise the bound."""
         merged = np.concatenate([self.scores, scores], 1)
-        rows = np.concatenate([self.rows, np.broadcast_to(np.arange(base, base + len(vectors)), scores.shape)], 1)
+        rows = np.concatenate([self.rows, rows], 1)
         order = np.argsort(-merged, axis=1, kind="stable")
         if order.shape[1] > self.k:
             self.bound = np.maximum(self.bound, np.take_along_axis(merged, order[:, self.k:], 1).max(axis=1))
@@ -582,7 +658,7 @@ def _rows(batches: Iterator[np.ndarray], chosen: np.ndarray, dim: int) -> np.nda
     return out
 
 
-def _tune(index: VectorIndex, truth: _TopK) -> tuple[int, int, float]:
+def _tune(index: VectorIndex, truth: TopK) -> tuple[int, int, float]:
     """(lists probed, re-rank depth, recall@10): the quickest setting whose recall@10 against exact search on the
     sample queries reaches TUNED_RECALL, timed on them; if none does, the most accurate one tried.
 
