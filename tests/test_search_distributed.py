@@ -150,3 +150,42 @@ def test_beam_options_are_refused_outside_build(tmp_path, capsys):
     with pytest.raises(SystemExit):
         search(["build", "--index", str(tmp_path), "--output", str(tmp_path / "s"), "--runer", "DirectRunner"])
     assert "did you mean --runner?" in capsys.readouterr().err
+
+
+def _running(pid: str) -> bool:
+    """Alive and not a zombie (this container's init may be slow to reap the orphans of a killed launcher)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_ctrl_c_during_the_fill_job_stops_the_workers_says_one_line_and_leaves_nothing(tmp_path):
+    """The window: after the launcher announced the fill job (the sample job and training are done) and before
+    the merge. Exit 130, one line, no worker process left, nothing of the build in --output."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, folder = str(tmp_path / "root"), str(tmp_path / "search")
+    _three_nights(root)
+    build = subprocess.Popen([sys.executable, "-m", "pipeline.search", "build", "--index", root, "--output", folder,
+                              "--kind", "ann", *TWO_PROCESSES], stderr=subprocess.PIPE, text=True)
+    lines = []
+    while not lines or not lines[-1].startswith("Adding "):
+        lines.append(build.stderr.readline())
+        assert lines[-1], "".join(lines)
+    time.sleep(1.5)  # the job's worker processes are starting or filling
+    children = subprocess.run(["pgrep", "-P", str(build.pid)], capture_output=True, text=True).stdout.split()
+    assert children, "the fill job's workers were running when Ctrl-C came"
+    build.send_signal(signal.SIGINT)
+    rest = build.stderr.read().strip().splitlines()
+    assert build.wait(timeout=60) == 130
+    assert not any(line.startswith("Merging ") for line in rest), "interrupted before the merge"
+    assert [line for line in rest if line.strip()][-1].startswith(f"Interrupted: {folder} is as it was")
+    assert not any("Traceback" in line for line in rest), rest
+    time.sleep(1)
+    assert not [pid for pid in children if _running(pid)]
+    assert os.listdir(folder) == []

@@ -28,7 +28,7 @@ import time
 from typing import Optional
 from typing import Sequence
 
-from pipeline.interrupt import exit_with, started
+from pipeline.interrupt import INTERRUPTED, exit_with, started
 from pipeline.index.store import IndexCorrupt
 from pipeline.models import duplicate_threshold
 from pipeline.options import refuse_repeated, refuse_unknown_args
@@ -250,6 +250,13 @@ def main(argv: Sequence[str] = None) -> int:
     except (CollectionError, SearchIndexError, SearchDependencyError, MemoryBudgetError, IndexCorrupt) as exc:
         _say(f"error: {exc}")
         return 2
+    except KeyboardInterrupt:
+        if args.command in ("build", "update"):
+            _say(f"Interrupted: {args.output} is as it was (a build or update is served only once it is whole); "
+                 f"its files were removed. Run the same command again.")
+        else:
+            _say("Interrupted.")
+        return INTERRUPTED
 
 
 if __name__ == "__main__":

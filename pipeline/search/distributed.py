@@ -29,7 +29,9 @@ import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.runner import PipelineState
 
+from pipeline.interrupt import run_interruptibly, run_to_end
 from pipeline.runtime import is_local_runner, runner_name, with_direct_defaults
 from pipeline.search.collection import Collection
 from pipeline.search.items import ItemsWriter, repeated
@@ -215,8 +217,14 @@ def build_across_workers(collection: Collection, root: str, kind: str, overwrite
 
 
 def _run(args: Sequence[str], build: Callable[[beam.Pipeline], None]) -> None:
-    with beam.Pipeline(options=PipelineOptions(list(args))) as pipeline:
-        build(pipeline)
+    """Runs the job `build` makes, to its end (Ctrl-C taken by this process alone, as pipeline.run does)."""
+    options = PipelineOptions(list(args))
+    pipeline = beam.Pipeline(options=options)
+    build(pipeline)
+    _, state = run_interruptibly(lambda: run_to_end(pipeline), local_workers=is_local_runner(options))
+    if state != PipelineState.DONE:
+        raise SearchIndexError(f"the Beam job ended {state} on {runner_name(options)}; nothing of this build is "
+                               f"served. Run it again.")
 
 
 def _train(plan: Plan, shards: list, root: str, generation: str, dim: int, args, runner: str, staged: list,
