@@ -25,4 +25,13 @@ fi
 
 status=0
 python -m pipeline.run --input samples --output "$OUT" --model "$MODEL" "${handle_args[@]}" --overwrite "$@" || status=$?
+if [ "$status" = 0 ] || [ "$status" = 3 ]; then
+  echo
+  echo "The vectors are in $OUT/embeddings-*.parquet (id, uri, sha256, embedding); read them with:"
+  echo "  .venv/bin/python -c \"import glob, pandas as pd; print(pd.concat(map(pd.read_parquet, sorted(glob.glob('$OUT/embeddings-*.parquet')))))\""
+  if [ "${#handle_args[@]}" -gt 0 ]; then
+    echo "Embed your own folder with the same stand-in:"
+    echo "  .venv/bin/image-embeddings run --input /path/to/photos --output out/photos ${handle_args[*]}"
+  fi
+fi
 exit "$status"

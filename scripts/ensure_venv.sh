@@ -1,5 +1,5 @@
 # Sourced by run_local.sh and run_tests.sh: creates or reuses .venv with the project installed.
-# Reinstalls only when setup.py or requirements.txt changed since the last install.
+# Reinstalls only when setup.py, pyproject.toml or requirements.txt changed since the last install.
 set -euo pipefail
 VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
@@ -7,7 +7,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "Creating virtual environment $VENV (first run only; about two minutes)..." >&2
   "$PYTHON" -m venv "$VENV"
 fi
-stamp="$VENV/.installed-$(cat setup.py requirements.txt | sha1sum | cut -c1-12)"
+stamp="$VENV/.installed-$(cat setup.py pyproject.toml requirements.txt | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
   log="$VENV/install.log"
   { "$VENV/bin/python" -m pip install --upgrade pip && "$VENV/bin/python" -m pip install -e '.[test,search,publish]'; } >"$log" 2>&1 \

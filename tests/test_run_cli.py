@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -121,6 +122,19 @@ def test_run_local_script_embeds_the_samples_and_falls_back_loudly_when_the_hub_
     assert "No errors." in result.stdout and "NOT meaningful" in result.stdout
     table = read_embeddings(str(tmp_path / "out"))
     assert table.num_rows == n_samples and table.schema.metadata[b"embedding.weights"].startswith(b"STAND-IN")
+
+    # The commands it prints next run as written, from the checkout: reading the output, and embedding a folder.
+    lines = result.stdout.splitlines()
+    reading = lines[lines.index(next(l for l in lines if l.startswith("The vectors are in"))) + 1].strip()
+    read = subprocess.run(["bash", "-c", reading], capture_output=True, text=True, cwd=REPO)
+    assert read.returncode == 0 and f"[{n_samples} rows x 4 columns]" in read.stdout, read.stderr
+    own = lines[lines.index("Embed your own folder with the same stand-in:") + 1].strip()
+    photos = tmp_path / "photos"
+    shutil.copytree(SAMPLES, photos / "nested")
+    own = own.replace("/path/to/photos", str(photos)).replace("out/photos", str(tmp_path / "mine"))
+    embedded = subprocess.run(["bash", "-c", own], capture_output=True, text=True, cwd=REPO, env=env)
+    assert embedded.returncode == 0, embedded.stderr[-2000:]
+    assert read_embeddings(str(tmp_path / "mine")).num_rows == n_samples
 
 
 def test_overwrite_deletes_nothing_when_a_later_check_refuses_the_run(tmp_path, capsys, mobilenet_handle):
