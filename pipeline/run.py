@@ -35,7 +35,8 @@ from pipeline.engine import (
 from pipeline.fingerprint import model_fingerprint
 from pipeline.interrupt import INTERRUPTED, exit_with, run_interruptibly, run_to_end, started
 from pipeline.models import MODELS
-from pipeline.options import DEFAULT_BATCH, JobConfig, parse_args
+from pipeline.metrics import CommandMetrics, add_metrics_options
+from pipeline.options import DEFAULT_BATCH, JobConfig, build_parser, config_from_args, parse_known
 from pipeline.outputs import RUN_REPORT, OutputDirError, earlier_results, prepare_output_dir, summarize_outputs
 from pipeline.preflight import (
     IncrementalRunError,
@@ -61,6 +62,7 @@ from pipeline.runtime import (
     with_thread_defaults,
 )
 from transforms.embed import EmbedConfig
+from transforms.records import Stage
 from transforms.sink import remove_partial_outputs
 from transforms.source import SKIPPED_COUNTER, ManifestError, plan_input
 
@@ -186,9 +188,32 @@ def run(config: JobConfig, beam_args: Sequence[str], announce: bool = True) -> d
     return report
 
 
+def run_metrics(report: dict, metrics: CommandMetrics) -> None:
+    counts = report["counts"]
+    metrics.set("inputs", "Inputs of the last run (rows or files, after refusals).", counts["inputs"])
+    metrics.set("embedded", "Images embedded by the last run.", counts["embedded"])
+    metrics.set("skipped_existing", "Inputs the last run found already embedded (--skip_existing).",
+                counts["skipped_existing"])
+    for stage in (Stage.MANIFEST, Stage.READ, Stage.DECODE, Stage.EMBED):
+        metrics.set("failed", "Inputs of the last run not embedded, by the stage that failed.",
+                    counts["errors_by_stage"].get(stage, 0), stage=stage)
+    metrics.set("images_per_second", "Images embedded a second over the last run, start-up included.",
+                report["images_per_second"])
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    config, beam_args = parse_args(argv)
+    parser = build_parser()
+    add_metrics_options(parser)
+    args, beam_args = parse_known(parser, argv)
+    config = config_from_args(parser, args)
     configure_logging(config.verbose)
+    metrics = CommandMetrics("run", args.metrics_file, args.pushgateway)
+    code = _main(config, beam_args, metrics)
+    metrics.finish(code)
+    return code
+
+
+def _main(config: JobConfig, beam_args: list, metrics: CommandMetrics) -> int:
     try:
         check_workers_reach(config, beam_args)
         report = run(config, beam_args)
@@ -212,6 +237,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"partial files were removed. Run the same command with --overwrite to start again.", file=sys.stderr)
         return INTERRUPTED
     print_summary(report)
+    run_metrics(report, metrics)
     if error_rate_exceeded(report, config.max_error_rate):
         counts = report["counts"]
         print(f"error: {counts['errors']} of {counts['inputs']} inputs failed, more than --max_error_rate "

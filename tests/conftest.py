@@ -111,3 +111,17 @@ def pytest_unconfigure(config):
     import logging
 
     logging.raiseExceptions = False
+
+
+# The quick loop (`./run_tests.sh -m "not slow"`) leaves out what starts clusters and servers, the large
+# Inception stand-in, and the kill and crash loops; CI runs everything.
+SLOW_FIXTURES = {"flink", "postgres", "fake_gcs", "inception_handle"}
+SLOW_NAMES = ("kill", "crash", "ctrl_c", "at_scale")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if (SLOW_FIXTURES & set(item.fixturenames) or any(word in item.nodeid for word in SLOW_NAMES)
+                or params.get("index_root") == "gs" or params.get("where") == "gs"):
+            item.add_marker(pytest.mark.slow)

@@ -43,6 +43,7 @@ from pipeline.outputs import RUN_REPORT, earlier_results, prepare_output_dir, su
 from pipeline.preflight import check_model, metadata_differences, output_metadata
 from pipeline.report import software_versions
 from pipeline.interrupt import INTERRUPTED, exit_with, started
+from pipeline.metrics import CommandMetrics, add_metrics_options
 from pipeline.run import PREFLIGHT_ERRORS, JobFailed, check_workers_reach, choose_engine, run
 from pipeline.standin_models import STANDIN_WARNING
 from pipeline.runtime import configure_logging, is_local_runner
@@ -111,6 +112,7 @@ def _update_parser() -> argparse.ArgumentParser:
                         f"('1000'). Checked before any work for ids that left the input (nothing is changed), and "
                         f"again before the commit (the view stays as it was; finished runs are kept). Default: "
                         f"{DEFAULT_MAX_REMOVED}.")
+    add_metrics_options(parser)
     return parser
 
 
@@ -130,6 +132,10 @@ def recorded_defaults(identity: dict) -> dict:
 
 
 def update(argv: Sequence[str]) -> int:
+    return _with_metrics("index_update", argv, _update)
+
+
+def _update(argv: Sequence[str], metrics: CommandMetrics) -> int:
     parser = _update_parser()
     index = _index_arg(argv)
     if index is None:
@@ -179,6 +185,11 @@ def update(argv: Sequence[str]) -> int:
         print(f"Failures: {store.root}/runs/{outcome.name}-*/errors-*.parquet and "
               f"{store.root}/updates/{outcome.name}/errors-*.parquet; the next update tries them again.")
     inputs = counts.new + counts.updated + counts.unchanged + counts.retried + counts.refused
+    metrics.set("inputs", "Input rows of the last update.", inputs)
+    metrics.set("embedded", "Images embedded by the last update.", outcome.embedded)
+    metrics.set("failed", "Inputs of the last update without a vector (they are tried again next time).", failed)
+    metrics.set("live_ids", "Ids in the index's view after the last update.", usable)
+    metrics.set("removed_ids", "Ids the last update took out of the view (they left the input).", counts.removed)
     if config.max_error_rate is not None and inputs and failed / inputs > config.max_error_rate:
         print(f"error: {failed} of {inputs} inputs failed, more than --max_error_rate {config.max_error_rate}.",
               file=sys.stderr)
@@ -195,10 +206,15 @@ def _for_good(failed_for_good: int, unchanged: int) -> str:
 
 def _index_arg(argv: Sequence[str]) -> Optional[str]:
     """--index's value, read before the full parse (its index.json supplies the other options' defaults)."""
+    return _option(argv, "--index")
+
+
+def _option(argv: Sequence[str], flag: str) -> Optional[str]:
+    """The value of `flag` in `argv` (`--flag V` or `--flag=V`), read before a parse."""
     for i, arg in enumerate(argv):
-        if arg == "--index" and i + 1 < len(argv):
+        if arg == flag and i + 1 < len(argv):
             return argv[i + 1]
-        if arg.startswith("--index="):
+        if arg.startswith(flag + "="):
             return arg.split("=", 1)[1]
     return None
 
@@ -278,6 +294,10 @@ def snapshot(argv: Sequence[str]) -> int:
 
 
 def publish(argv: Sequence[str]) -> int:
+    return _with_metrics("publish", argv, _publish)
+
+
+def _publish(argv: Sequence[str], metrics: CommandMetrics) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.index publish", allow_abbrev=False,
                                      description="Make a database table equal to the index's current view: write "
                                      "what changed since the last publish, delete what left.")
@@ -293,6 +313,7 @@ def publish(argv: Sequence[str]) -> int:
     parser.add_argument("--ann_min_rows", type=positive_int, default=DEFAULT_ANN_MIN_ROWS, metavar="N",
                         help="LanceDB: build the IVF-PQ index once the table holds N rows (default: %(default)s); "
                         "PostgreSQL gets its HNSW index at the first publish.")
+    add_metrics_options(parser)
     refuse_repeated(parser, argv)
     args = parser.parse_args(argv)
     configure_logging(False)
@@ -312,7 +333,37 @@ def publish(argv: Sequence[str]) -> int:
               f"{plural(state.rows, 'row')}, the view after log entry {state.seq}.")
     if done.ann_index:
         print(f"  {done.ann_index}.")
+    metrics.set("published_rows", "Rows of the published table after the last publish.", state.rows)
+    metrics.set("written_rows", "Rows the last publish wrote (new or changed vectors).", done.upserted)
+    metrics.set("deleted_rows", "Rows the last publish deleted (ids that left the view).", done.removed)
     return 0
+
+
+REFUSED = (*PREFLIGHT_ERRORS, IndexRefused, LeaseBusy, UnsupportedStore, PublishRefused)  # exit 2: do not retry
+FAILED = (StoreError, IndexCorrupt, LeaseLost, CommitRefused, PublishFailed, JobFailed)  # exit 1: retry
+
+
+def _exit_status(exc: BaseException) -> int:
+    if isinstance(exc, REFUSED):
+        return 2
+    if isinstance(exc, KeyboardInterrupt):
+        return INTERRUPTED
+    if isinstance(exc, SystemExit):  # argparse: a usage error
+        return exc.code if isinstance(exc.code, int) else 2
+    return 1
+
+
+def _with_metrics(command: str, argv: Sequence[str], work) -> int:
+    """work(argv, metrics), its metrics written whatever its outcome (an error becomes its exit status here)."""
+    metrics = CommandMetrics(command, _option(argv, "--metrics_file"), _option(argv, "--pushgateway"))
+    try:
+        code = work(argv, metrics)
+    except BaseException as exc:
+        code = _exit_status(exc)
+        metrics.finish(code)
+        raise
+    metrics.finish(code)
+    return code
 
 
 COMMANDS = {"create": create, "update": update, "status": status, "snapshot": snapshot, "publish": publish}
@@ -325,12 +376,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (*PREFLIGHT_ERRORS, IndexRefused, LeaseBusy, UnsupportedStore, PublishRefused) as exc:
+    except (*REFUSED, *FAILED) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (StoreError, IndexCorrupt, LeaseLost, CommitRefused, PublishFailed, JobFailed) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return _exit_status(exc)
     except KeyboardInterrupt:
         print(f"Interrupted: {argv[0]} stopped; what it had committed is kept and its unfinished run removed. Run "
               f"the same command again to continue.", file=sys.stderr)
