@@ -142,7 +142,7 @@ def exact_neighbours(stream: Stream, view: dict, asked: list, k: int = 10) -> tu
     vectors: dict = {}
     for position, block in stream.again():
         for offset in [p - position for p in wanted if position <= p < position + len(block)]:
-            vectors[wanted[position + offset]] = block[offset]
+            vectors[wanted[position + offset]] = block[offset].copy()  # a view would keep the whole block
     queries = np.stack([vectors[a] for a in asked])
     best = np.full((len(asked), k), -np.inf, np.float32), np.full((len(asked), k), -1, np.int64)
     for position, block in stream.again():

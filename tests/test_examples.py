@@ -118,7 +118,7 @@ import json, os, sys
 from airflow.models.dagbag import DagBag
 from airflow.exceptions import AirflowException, AirflowFailException
 
-bag = DagBag(dag_folder=sys.argv[1], include_examples=False)
+bag = DagBag(dag_folder=sys.argv[1])
 dag = bag.dags["image_embeddings_nightly"]
 [task] = [t for t in dag.tasks if not t.upstream_task_ids]
 order = []

@@ -60,7 +60,7 @@ def test_a_run_writes_its_counts_and_a_refused_run_keeps_the_last_success(tmp_pa
     assert [p.name for p in path.parent.iterdir()] == ["embeddings.prom"]  # replaced in one rename, no leftovers
 
 
-def test_an_index_update_and_a_publish_write_the_views_counts(tmp_path, corpus, mobilenet_handle):
+def test_an_index_update_and_a_publish_write_the_views_counts(tmp_path, corpus, mobilenet_handle, capsys):
     root, prom = tmp_path / "index", tmp_path / "update.prom"
     new_index(root, mobilenet_handle)
     pairs = [(f"img{i}", str(p)) for i, p in enumerate(sorted(corpus.iterdir()))]
@@ -71,8 +71,10 @@ def test_an_index_update_and_a_publish_write_the_views_counts(tmp_path, corpus, 
     assert (_value(night, "live_ids"), _value(night, "removed_ids"), _value(night, "exit_code")) == (4, 0, 0)
 
     published = tmp_path / "publish.prom"
+    capsys.readouterr()
     assert index_main(["publish", "--index", str(root), "--to", str(tmp_path / "lancedb"),
                        "--metrics_file", str(published)]) == 0
+    assert "holds vectors of a random-weight stand-in model" in capsys.readouterr().out  # the stand-in's vectors carried on are named as such
     done = _samples(published.read_text())
     assert (_value(done, "published_rows"), _value(done, "written_rows"), _value(done, "deleted_rows")) == (3, 3, 0)
 

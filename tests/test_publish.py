@@ -172,6 +172,7 @@ def test_three_nights_published_after_each_leave_both_targets_equal_to_the_snaps
             assert f"Published {root}" in out and f"{len(expected)} rows" in out
             assert_equal_rows(held(kind, url, table), expected)
             state = pg_state(url, table) if kind == "postgres" else lance_state(url, table)
+            assert state["metadata"]["weights"].startswith("STAND-IN")  # LanceDB's field metadata says so too
             assert (state["seq"], state["rows"], state["pending"]) == (len(IndexStore(str(root)).log()),
                                                                        len(expected), [])
             version = lance_table(url, table).version if kind == "lancedb" else pg_state(url, table)
@@ -184,6 +185,7 @@ def test_three_nights_published_after_each_leave_both_targets_equal_to_the_snaps
                             [table]).fetchone()
         comment = conn.execute("SELECT obj_description(%s::regclass)", [table]).fetchone()[0]
     assert "mobilenet_v2_130_224" in comment and "sha256:" in comment
+    assert comment.startswith("STAND-IN VECTORS of random weights, NOT meaningful: ")  # the tests' model is one
 
 
 def test_only_what_changed_is_written_and_removed_ids_are_deleted(tmp_path, postgres, lance_dir, capsys):

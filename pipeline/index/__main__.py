@@ -333,6 +333,8 @@ def _publish(argv: Sequence[str], metrics: CommandMetrics) -> int:
               f"{plural(state.rows, 'row')}, the view after log entry {state.seq}.")
     if done.ann_index:
         print(f"  {done.ann_index}.")
+    if str(state.metadata.get("weights", "")).startswith("STAND-IN"):
+        print(f"WARNING: {done.target} holds vectors of a {STANDIN_WARNING}.")
     metrics.set("published_rows", "Rows of the published table after the last publish.", state.rows)
     metrics.set("written_rows", "Rows the last publish wrote (new or changed vectors).", done.upserted)
     metrics.set("deleted_rows", "Rows the last publish deleted (ids that left the view).", done.removed)

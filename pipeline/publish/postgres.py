@@ -150,9 +150,12 @@ class PostgresTable:
                         f"by something else. Nothing was changed; run again with --full to rewrite it.")
                 self._run("INSERT INTO {state} VALUES (%s, %s::jsonb) ON CONFLICT (table_name) DO UPDATE SET "
                           "state = EXCLUDED.state", [self._key, after.to_json()])
+                standin = "STAND-IN VECTORS of random weights, NOT meaningful: " \
+                    if str(after.metadata.get("weights", "")).startswith("STAND-IN") else ""
                 self._run("COMMENT ON TABLE {table} IS {comment}", comment=sql.Literal(
-                    f"Image embeddings of {after.metadata.get('model')} ({after.metadata.get('fingerprint')}), the "
-                    f"view of an index after {after.seq} log entries, written by python -m pipeline.index publish."))
+                    f"{standin}Image embeddings of {after.metadata.get('model')} ({after.metadata.get('fingerprint')}), "
+                    f"the view of an index after {after.seq} log entries, written by python -m pipeline.index "
+                    f"publish."))
         except psycopg.Error as exc:
             raise PublishFailed(f"{self.described}: {str(exc).strip()}; nothing was changed.") from None
 

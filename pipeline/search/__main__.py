@@ -141,6 +141,8 @@ def build(args, beam_args: list) -> int:
     detail += f", {human(index['memory_bytes'])} in memory"
     _say(f"Search index of {plural(manifest['count'], 'vector')} written to {args.output}: {index['kind']} search"
          f"{detail}, {manifest['metric']} ({time.perf_counter() - started:.1f} s).")
+    if str(collection.metadata.get("weights", "")).startswith("STAND-IN"):
+        _say(f"WARNING: {STANDIN_SEARCH_WARNING}")
     return 0
 
 
