@@ -7,7 +7,7 @@ mixture, dim 1664), builds a search index of it, then each night replaces `churn
 third changed, a third removed) and runs `search update`, each command in a fresh process that reports its wall
 time and peak RSS. After the last night: a full rebuild of the same view, and recall@10 of both indexes on 500 ids
 of the view against exact numpy search over it; removed ids must return nothing, changed ids their new vector.
-Writes benchmarks/results/search_nights.json.
+Writes benchmarks/results/search_nights-COUNT.json.
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ def main() -> None:
     per_night = [n["seconds"] for n in nights]
     result["night_over_rebuild"] = round(float(np.mean(per_night)) / result["rebuild"]["seconds"], 4)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "search_nights.json"), "w") as f:
+    with open(os.path.join(HERE, "results", f"search_nights-{args.count}.json"), "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps({k: v for k, v in result.items() if k != "nights"}, indent=2))
     print("nights (s):", per_night)
