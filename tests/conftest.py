@@ -8,6 +8,7 @@ import pytest
 from hypothesis import settings
 
 from helpers import REPO, SAMPLES
+from pipeline.flink.dist import DEFAULT_CACHE as FLINK_RECIPE_CACHE
 
 # The generated tests run the same examples on every run (CI included), so a failure reproduces; for a longer,
 # random exploration locally: HYPOTHESIS_RANDOM=1 HYPOTHESIS_EXAMPLES=200 ./run_tests.sh -k ...
@@ -16,7 +17,7 @@ settings.register_profile("project", derandomize=not os.environ.get("HYPOTHESIS_
 settings.load_profile("project")
 
 STANDIN_CACHE = os.environ.get("STANDIN_CACHE_DIR", os.path.join(REPO, ".cache", "standins"))
-FLINK_CACHE = os.environ.get("FLINK_CACHE_DIR", os.path.join(REPO, ".cache", "flink"))
+FLINK_CACHE = FLINK_RECIPE_CACHE  # the recipe's (python -m pipeline.flink): Flink fetched and built once for both
 
 
 def _standin(name: str) -> str:
@@ -113,10 +114,13 @@ def pytest_unconfigure(config):
     logging.raiseExceptions = False
 
 
-# The quick loop (`./run_tests.sh -m "not slow"`) leaves out what starts clusters and servers, the large
-# Inception stand-in, and the kill and crash loops; CI runs everything.
-SLOW_FIXTURES = {"flink", "postgres", "fake_gcs", "inception_handle"}
-SLOW_NAMES = ("kill", "crash", "ctrl_c", "at_scale")
+# The quick loop (`./run_tests.sh -m "not slow"`) leaves out what starts clusters, servers or worker pools, the
+# large Inception stand-in, the kill and crash loops, and the tests that run many pipelines (each over 15 s,
+# measured); CI runs everything.
+SLOW_FIXTURES = {"flink", "postgres", "fake_gcs", "inception_handle", "airflow_python"}
+SLOW_NAMES = ("kill", "crash", "ctrl_c", "at_scale", "test_search_distributed.py", "test_row_boundary.py",
+              "budget_that_binds", "many_short_runs", "run_local_script", "bfloat16", "later_job_starts",
+              "three_nights", "listing_that_fails", "uris_all_fail")
 
 
 def pytest_collection_modifyitems(config, items):

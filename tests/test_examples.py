@@ -85,7 +85,8 @@ def test_the_systemd_units_verify_and_do_not_retry_refusals(tmp_path):
         text = text.replace("WorkingDirectory=/srv/image-embeddings", f"WorkingDirectory={tmp_path}")
         text = text.replace("User=embeddings", "User=root")
         (tmp_path / name).write_text(text)
-    verified = subprocess.run(["systemd-analyze", "verify", "--man=no", str(tmp_path / "image-embeddings-nightly.timer"),
+    verified = subprocess.run(["systemd-analyze", "verify", "--man=no",
+                               str(tmp_path / "image-embeddings-nightly.timer"),
                                str(tmp_path / "image-embeddings-nightly.service")], capture_output=True, text=True)
     problems = [line for line in verified.stderr.splitlines() if "image-embeddings-nightly" in line]
     assert verified.returncode == 0 and not problems, verified.stderr

@@ -199,10 +199,12 @@ def test_the_local_cluster_recipe_prints_its_options_and_stops_every_process_it_
     command = [sys.executable, "-m", "pipeline.flink", "up", "--cache", FLINK_CACHE, "--folder", str(tmp_path),
                "--taskmanagers", "1"]
     up = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = [up.stdout.readline() for _ in range(3)]
+    lines = [up.stdout.readline() for _ in range(4)]
     assert lines[1].startswith("Send jobs to it with these Beam options"), lines
+    assert lines[3].startswith(f"They are also in {tmp_path / 'beam-options'}: add $(cat "), lines
     options = lines[2].split()
     assert options[0] == "--runner=FlinkRunner" and "--environment_type=EXTERNAL" in options
+    assert (tmp_path / "beam-options").read_text().split() == options  # for $(cat FOLDER/beam-options)
     master = next(o.split("=", 1)[1] for o in options if o.startswith("--flink_master="))
     with urllib.request.urlopen(f"http://{master}/overview", timeout=5) as answer:
         assert json.load(answer)["taskmanagers"] == 1
@@ -211,6 +213,7 @@ def test_the_local_cluster_recipe_prints_its_options_and_stops_every_process_it_
     up.send_signal(signal.SIGTERM)  # as a scheduler (or Ctrl-C) stops it
     assert up.communicate(timeout=60)[0].strip() == "Flink stopped." and up.returncode == 0
     assert not [pid for pid in started if os.path.exists(f"/proc/{pid}")]
+    assert tmp_path.exists()  # a --folder given is the user's: kept (a folder of its own is removed)
 
 
 def test_a_search_index_built_on_flink_is_the_single_process_build(tmp_path, flink):

@@ -74,7 +74,7 @@ def test_an_index_update_and_a_publish_write_the_views_counts(tmp_path, corpus, 
     capsys.readouterr()
     assert index_main(["publish", "--index", str(root), "--to", str(tmp_path / "lancedb"),
                        "--metrics_file", str(published)]) == 0
-    assert "holds vectors of a random-weight stand-in model" in capsys.readouterr().out  # the stand-in's vectors carried on are named as such
+    assert "holds vectors of a random-weight stand-in model" in capsys.readouterr().out  # named as such
     done = _samples(published.read_text())
     assert (_value(done, "published_rows"), _value(done, "written_rows"), _value(done, "deleted_rows")) == (3, 3, 0)
 

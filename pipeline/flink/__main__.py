@@ -10,11 +10,15 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
 
 from pipeline.flink.dist import DEFAULT_CACHE, FlinkSetupError, flink_home, job_server_jar
+
+
+OPTIONS_FILE = "beam-options"  # the options printed, for $(cat FOLDER/beam-options)
 
 
 def _interrupt(signum, frame):
@@ -37,6 +41,7 @@ def main(argv=None) -> int:
             return 0
         from pipeline.flink.cluster import LocalFlink
 
+        made = args.folder is None  # a folder of its own is removed when the cluster stops
         folder = args.folder or tempfile.mkdtemp(prefix="local-flink-")
         cluster = LocalFlink(folder, args.taskmanagers, args.slots, args.cache)
     except FlinkSetupError as exc:
@@ -48,8 +53,13 @@ def main(argv=None) -> int:
         cluster.start()
         print(f"Flink {os.path.basename(cluster.home)}: JobManager and {args.taskmanagers} TaskManagers running; "
               f"web UI http://{cluster.master}; logs in {folder}/log.")
+        options = " ".join(shlex.quote(arg) for arg in cluster.beam_args(parallelism=args.slots))
+        with open(os.path.join(folder, OPTIONS_FILE), "w") as f:
+            f.write(options + "\n")
         print("Send jobs to it with these Beam options (Ctrl-C here stops the cluster):")
-        print("  " + " ".join(shlex.quote(arg) for arg in cluster.beam_args(parallelism=args.slots)), flush=True)
+        print("  " + options, flush=True)
+        print(f"They are also in {os.path.join(folder, OPTIONS_FILE)}: add $(cat {os.path.join(folder, OPTIONS_FILE)}) "
+              f"to a command.", flush=True)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM while it was starting
@@ -59,6 +69,8 @@ def main(argv=None) -> int:
         code = 1
     finally:
         cluster.stop()  # whatever had started
+        if made:
+            shutil.rmtree(folder, ignore_errors=True)
         print("Flink stopped.")
     return code
 

@@ -23,7 +23,8 @@ import zipfile
 FLINK_VERSION = "1.19.3"  # a Flink Beam 2.77 (--flink_version) and the job server below both support
 FLINK_MINOR = FLINK_VERSION.rsplit(".", 1)[0]
 JOB_SERVER_BEAM_VERSION = "2.62.0"
-DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "beam-image-embeddings", "flink")
+DEFAULT_CACHE = os.environ.get("FLINK_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                   "beam-image-embeddings", "flink")
 
 _POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
   <modelVersion>4.0.0</modelVersion>

@@ -41,7 +41,7 @@ RERANK_DEPTHS = (10, 20, 40, 100, 200)  # compressed: candidates re-ranked per n
 DIMS_PER_CODE_BYTE = (2, 4, 8, 16, 32)  # compressed: code sizes tried in this order (dim/2 bytes a vector first)
 MAX_PROBES = 256  # tuning stops doubling the lists probed here: beyond, a query scans too much of the index
 PROCESS_BASE = 400 * 2**20  # Python with Beam, pyarrow, faiss and the index reader loaded (measured: 376-407 MB)
-TRAINING_SCRATCH = 1.6  # k-means blocks and buffers on top of the training data (measured at 2M x 1664: 2.35 GB for 2 x 0.76)
+TRAINING_SCRATCH = 1.6  # k-means blocks and buffers on top of the training data (at 2M x 1664: 2.35 GB for 2 x 0.76)
 READ_COPIES = 6  # a batch of rows read from Parquet and normalised peaks at about 6 copies of its floats (measured)
 ROW_GROUP_COPIES = 1.8  # a row group is read whole before it is cut into batches (measured: +1.16 GB for 640 MB)
 UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
@@ -158,7 +158,8 @@ def choose_layout(kind: str, count: int, dim: int, max_memory: Optional[int], ro
     """The layout `kind` (or auto) gives; with a budget, the best one whose build and index fit it."""
     def compressed():
         sizes = [dim // per for per in DIMS_PER_CODE_BYTE if dim % per == 0] or [dim // 2]
-        layouts = [Layout("compressed", count, dim, m, fewer, row_group_bytes) for m in sizes for fewer in (1, 2, 4, 8, 16)]
+        layouts = [Layout("compressed", count, dim, m, fewer, row_group_bytes) for m in sizes
+                   for fewer in (1, 2, 4, 8, 16)]
         if max_memory is None:
             return layouts[0]
         fitting = [layout for layout in layouts if layout.build_memory <= max_memory]
