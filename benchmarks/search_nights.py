@@ -1,6 +1,7 @@
 """Nights of churn applied by `search update` against a full rebuild of the same view, in one run.
 
     .venv/bin/python benchmarks/search_nights.py [--count 200000] [--nights 10] [--churn 0.01] [--max_memory 4GB]
+        [--build_only]
 
 Writes an index ROOT the way pipeline.index commits nights (vectors from benchmarks/search_ann.py's clustered
 mixture, dim 1664), builds a search index of it, then each night replaces `churn` of the ids (a third new, a
@@ -175,6 +176,8 @@ def main() -> None:
     parser.add_argument("--nights", type=int, default=10)
     parser.add_argument("--churn", type=float, default=0.01)
     parser.add_argument("--max_memory", default="4GB")
+    parser.add_argument("--build_only", action="store_true",
+                        help="Build once and report its time and peak RSS (the memory budget's check), no nights.")
     args = parser.parse_args()
     shutil.rmtree(WORK, ignore_errors=True)
     os.makedirs(WORK)
@@ -186,6 +189,14 @@ def main() -> None:
     result = {"count": args.count, "dim": DIM, "churn": args.churn, "max_memory": args.max_memory}
     result["build"] = _timed(["build", "--index", root.store.root, "--output", updated, "--max_memory",
                               args.max_memory])
+    if args.build_only:
+        manifest = json.loads(open(os.path.join(updated, "search.json")).read())
+        result["index"] = {k: manifest["index"].get(k) for k in ("kind", "lists", "code_bytes", "memory_bytes")}
+        with open(os.path.join(HERE, "results", f"search_build-{args.count}.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        print(json.dumps(result, indent=2))
+        shutil.rmtree(WORK, ignore_errors=True)
+        return
     nights, removed_ids, changed_ids = [], set(), set()
     for night in range(args.nights):
         third = int(args.count * args.churn / 3)

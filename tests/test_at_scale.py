@@ -34,6 +34,17 @@ def _requirements():
         return [line.strip() for line in f if line.strip() and not line.startswith("#")]
 
 
+def _recipe_options() -> str:
+    """The options `python -m pipeline.flink up` prints and writes to FOLDER/beam-options (its own code, with
+    example ports), for the README's `$(cat /tmp/flink/beam-options)`."""
+    import types
+
+    from pipeline.flink.cluster import LocalFlink
+
+    cluster = types.SimpleNamespace(master="localhost:40811", jar="/cache/job-server.jar", worker_port=40813)
+    return " ".join(LocalFlink.beam_args(cluster))
+
+
 def _documented_commands():
     """Every `python -m pipeline.run` / `pipeline.index create|update` command in the README's code blocks."""
     blocks, inside, current = [], False, []
@@ -46,7 +57,7 @@ def _documented_commands():
             current.append(line)
     commands = []
     for block in blocks:
-        text = re.sub(r"\\\n\s*", " ", block)
+        text = re.sub(r"\\\n\s*", " ", block).replace("$(cat /tmp/flink/beam-options)", _recipe_options())
         for line in text.splitlines():
             line = re.sub(r"\s+#.*$", "", line.strip())
             if line.startswith(("python -m pipeline.run ", "python -m pipeline.index update ",
