@@ -20,6 +20,7 @@ else
     exit 1
   fi
   rm -f "$log"
+  handle="$(cd "$handle" && pwd)"  # absolute: the command printed below works from any folder
   handle_args=(--model_handle "$handle")
 fi
 
@@ -28,10 +29,10 @@ python -m pipeline.run --input samples --output "$OUT" --model "$MODEL" "${handl
 if [ "$status" = 0 ] || [ "$status" = 3 ]; then
   echo
   echo "The vectors are in $OUT/embeddings-*.parquet (id, uri, sha256, embedding); read them with:"
-  echo "  .venv/bin/python -c \"import glob, pandas as pd; print(pd.concat(map(pd.read_parquet, sorted(glob.glob('$OUT/embeddings-*.parquet')))))\""
+  echo "  $PWD/.venv/bin/python -c \"import glob, pandas as pd; print(pd.concat(map(pd.read_parquet, sorted(glob.glob('$OUT/embeddings-*.parquet')))))\""
   if [ "${#handle_args[@]}" -gt 0 ]; then
     echo "Embed your own folder with the same stand-in:"
-    echo "  .venv/bin/image-embeddings run --input /path/to/photos --output out/photos ${handle_args[*]}"
+    echo "  $PWD/.venv/bin/image-embeddings run --input /path/to/photos --output out/photos ${handle_args[*]}"
   fi
 fi
 exit "$status"

@@ -38,25 +38,51 @@ METADATA = {"model": "mobilenet_v2_130_224", "handle": "synthetic", "fingerprint
 SAMPLE = 500
 
 
-def _timed(args: list) -> dict:
-    """Runs `python -m pipeline.search ARGS` in a fresh process: wall seconds, and its peak RSS sampled every 0.1 s."""
+def _rss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def _descendants(pid: int) -> list:
+    """Every process below `pid` now (the worker processes a Beam job starts)."""
+    children: dict = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(name))
+            except (OSError, IndexError, ValueError):
+                continue
+    found, pending = [], [pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            found.append(child)
+            pending.append(child)
+    return found
+
+
+def timed(args: list) -> dict:
+    """Runs `python -m pipeline.search ARGS` in a fresh process: wall seconds, and sampled every 0.1 s the peak RSS
+    of the process, of its largest descendant (a worker) and of the whole tree."""
     started = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-m", "pipeline.search", *args], stderr=subprocess.PIPE, text=True,
                                cwd=os.path.dirname(HERE))
-    peak = 0
+    own = worker = tree = 0
     while process.poll() is None:
-        try:
-            with open(f"/proc/{process.pid}/status") as f:
-                peak = max(peak, next(int(line.split()[1]) for line in f if line.startswith("VmRSS")))
-        except (OSError, StopIteration):
-            pass
+        others = [_rss_kb(pid) for pid in _descendants(process.pid)]
+        launcher = _rss_kb(process.pid)
+        own, worker, tree = max(own, launcher), max([worker] + others), max(tree, launcher + sum(others))
         time.sleep(0.1)
     seconds = time.perf_counter() - started
     stderr = process.stderr.read()
     if process.returncode:
         raise SystemExit(f"search {' '.join(args)} failed ({process.returncode}):\n{stderr}")
     print(stderr.strip().splitlines()[-1], flush=True)
-    return {"seconds": round(seconds, 2), "peak_rss_mb": round(peak / 1024)}
+    return {"seconds": round(seconds, 2), "peak_rss_mb": round(own / 1024),
+            "largest_worker_peak_rss_mb": round(worker / 1024), "tree_peak_rss_mb": round(tree / 1024)}
 
 
 class Stream:
@@ -187,7 +213,7 @@ def main() -> None:
     root.commit(root.new_ids(args.count), stream)
     updated, fresh = os.path.join(WORK, "updated"), os.path.join(WORK, "fresh")
     result = {"count": args.count, "dim": DIM, "churn": args.churn, "max_memory": args.max_memory}
-    result["build"] = _timed(["build", "--index", root.store.root, "--output", updated, "--max_memory",
+    result["build"] = timed(["build", "--index", root.store.root, "--output", updated, "--max_memory",
                               args.max_memory])
     if args.build_only:
         manifest = json.loads(open(os.path.join(updated, "search.json")).read())
@@ -209,9 +235,9 @@ def main() -> None:
         changed_ids |= set(changing)
         embedded = changing + root.new_ids(third)
         root.commit(embedded, stream)
-        nights.append(_timed(["update", "--index", root.store.root, "--output", updated, "--retrain", "never"]))
+        nights.append(timed(["update", "--index", root.store.root, "--output", updated, "--retrain", "never"]))
     result["nights"] = nights
-    result["rebuild"] = _timed(["build", "--index", root.store.root, "--output", fresh, "--max_memory",
+    result["rebuild"] = timed(["build", "--index", root.store.root, "--output", fresh, "--max_memory",
                                 args.max_memory])
     ids = sorted(root.view)
     changed = sorted(changed_ids - removed_ids)[:200]
