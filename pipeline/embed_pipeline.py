@@ -8,8 +8,7 @@ from typing import Mapping, Optional
 import apache_beam as beam
 
 from pipeline.options import JobConfig
-from transforms.decode import DecodeImages
-from transforms.embed import EmbedImages
+from transforms.images_to_embeddings import ImagesToEmbeddings
 from transforms.progress import CountDone
 from transforms.records import FAILED
 from transforms.sink import EMBEDDINGS_PREFIX, MarkFinished, WriteEmbeddings, WriteErrors, output_files_pattern
@@ -28,9 +27,9 @@ def build_pipeline(
     if not config.force_full_run:
         previous = [output_files_pattern(folder, EMBEDDINGS_PREFIX) for folder in config.skip_existing]
     inputs = p | "ReadInputs" >> ReadImageRefs(config.input, previous, config.tfrecord_features, config.read.max_bytes)
-    decoded = inputs["refs"] | "Decode" >> DecodeImages(config.preprocess, config.read, config.decode_threads)
-    embedded = decoded.decoded | "Embed" >> EmbedImages(config.embed)
-    failures = (inputs[FAILED], decoded[FAILED], embedded[FAILED]) | "AllFailures" >> beam.Flatten()
+    embedded = inputs["refs"] | "ImagesToEmbeddings" >> ImagesToEmbeddings(
+        config.embed, config.preprocess, config.read, config.decode_threads)
+    failures = (inputs[FAILED], embedded.failures) | "AllFailures" >> beam.Flatten()
     embeddings = embedded.embeddings
     if config.progress_interval_s > 0:
         run_id = uuid.uuid4().hex  # fixed when the pipeline is built, so every worker shares it

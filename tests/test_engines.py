@@ -18,7 +18,7 @@ from pipeline.engine import EngineError, compile_litert, fidelity, resolve_engin
 from pipeline.models import MODELS
 from pipeline.fingerprint import model_fingerprint
 from transforms.decode import PreprocessConfig, decode_image
-from transforms.embed import EmbedConfig, HubEmbedder, HubModelHandler
+from transforms.embed import EmbedConfig, HubEmbedder, DecodedImagesModelHandler
 from transforms.litert_engine import LiteRTEmbedder
 
 MOBILENET, INCEPTION = MODELS["mobilenet_v2_130_224"], MODELS["inception_resnet_v2"]
@@ -166,7 +166,7 @@ def test_loaded_objects_are_kept_out_of_collections_while_a_run_embeds_and_colle
     assert gc.get_freeze_count() == 0
 
     [compiled] = glob.glob(f"{tmp_path}/cache/*.tflite")  # a worker process freezes on its own, after loading
-    handler = HubModelHandler(_mobilenet(mobilenet_handle, engine="litert", compiled=compiled))
+    handler = DecodedImagesModelHandler(_mobilenet(mobilenet_handle, engine="litert", compiled=compiled))
     try:
         handler.load_model()
         assert gc.get_freeze_count() > 0

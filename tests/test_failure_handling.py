@@ -300,7 +300,7 @@ def test_a_failed_run_leaves_no_file_that_looks_like_a_result(tmp_path, mobilene
     import transforms.embed
 
     out = tmp_path / "out"
-    crash = mock.patch.object(transforms.embed.HubModelHandler, "run_inference",
+    crash = mock.patch.object(transforms.embed.DecodedImagesModelHandler, "run_inference",
                               side_effect=RuntimeError("injected worker crash"))
     with crash, pytest.raises(Exception, match="injected worker crash"):
         run_pipeline("--input", f"{os.path.dirname(__file__)}/../samples/*", "--output", str(out),

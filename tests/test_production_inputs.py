@@ -236,10 +236,10 @@ def test_an_image_that_keeps_exhausting_memory_ends_as_a_failure_row():
 def test_environment_errors_of_the_model_fail_the_bundle_but_data_errors_do_not(mobilenet_handle):
     import tensorflow as tf
 
-    from transforms.embed import EmbedConfig, HubEmbedder, HubModelHandler, ModelEnvironmentError
+    from transforms.embed import EmbedConfig, HubEmbedder, DecodedImagesModelHandler, ModelEnvironmentError
     from transforms.records import DecodedImage
 
-    handler = HubModelHandler(EmbedConfig(handle=mobilenet_handle, image_size=224, dim=1664))
+    handler = DecodedImagesModelHandler(EmbedConfig(handle=mobilenet_handle, image_size=224, dim=1664))
     model = HubEmbedder(EmbedConfig(handle=mobilenet_handle, image_size=224, dim=1664))
     batch = [DecodedImage(str(i), "", np.zeros((224, 224, 3), np.uint8)) for i in range(2)]
     with mock.patch.object(model, "_embed", side_effect=tf.errors.ResourceExhaustedError(None, None, "OOM")):

@@ -1,4 +1,4 @@
-"""Embed: batched inference through Beam's RunInference with a TF Hub model handler of our own.
+"""Embed: batched inference through Beam's RunInference with model handlers of our own.
 
 RunInference keeps one loaded model per worker process (Beam's `Shared` handle), batches the
 elements and records latency and batch-size metrics. The handler loads with `hub.load`, which works
@@ -16,7 +16,7 @@ from typing import Iterable, NamedTuple, Optional, Sequence, Union
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.ml.inference.base import ModelHandler, RunInference
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
 from transforms.model_contract import (  # noqa: F401 (VERBOSE_ENV and the errors are part of this module's face)
     VERBOSE_ENV,
@@ -145,8 +145,17 @@ def _configure_threads(tf, intra: int, inter: int) -> None:
         logging.info("TensorFlow thread settings already fixed in this process; keeping them.")
 
 
-class HubModelHandler(ModelHandler[DecodedImage, Union[Embedding, Failure], object]):
-    """RunInference handler: DecodedImage batches -> Embedding, or Failure for images the model rejects."""
+class EmbeddingModelHandler(ModelHandler[np.ndarray, PredictionResult, object]):
+    """Beam `ModelHandler` for `RunInference`: uint8 RGB pixels [size, size, 3] -> `PredictionResult`.
+
+    The contract, as Beam's own handlers have it: `run_inference` returns one `PredictionResult(example,
+    inference, model_id)` per element, in order, where `inference` is the float32 [dim] vector and `model_id`
+    the model's handle. A batch that cannot be embedded raises (a wrong shape or dtype, a non-finite vector,
+    a model that returns the wrong dim): Beam then retries the bundle, or hands the batch to
+    `RunInference(...).with_exception_handling()`'s `failed_inferences`. Wrap it in Beam's
+    `KeyedModelHandler` for (key, pixels) elements. One loaded engine (TensorFlow, or LiteRT when `config`
+    names a compiled artifact) is shared per process, or per machine with `large_model`.
+    """
 
     def __init__(self, config: EmbedConfig):
         super().__init__(
@@ -162,19 +171,51 @@ class HubModelHandler(ModelHandler[DecodedImage, Union[Embedding, Failure], obje
         return model
 
     def run_inference(
-        self, batch: Sequence[DecodedImage], model: HubEmbedder, inference_args: Optional[dict] = None
+        self, batch: Sequence[np.ndarray], model, inference_args: Optional[dict] = None
+    ) -> Iterable[PredictionResult]:
+        side = self._config.image_size
+        for position, pixels in enumerate(batch):
+            if not isinstance(pixels, np.ndarray) or pixels.dtype != np.uint8 or pixels.shape != (side, side, 3):
+                got = f"{pixels.dtype} {pixels.shape}" if isinstance(pixels, np.ndarray) else type(pixels).__name__
+                raise ValueError(
+                    f"Element {position} of the batch is {got}; the model takes uint8 RGB pixels of shape "
+                    f"({side}, {side}, 3). Decode and resize the image bytes first (image_pixels)."
+                )
+        vectors = model(batch)
+        bad = [position for position, vector in enumerate(vectors) if not np.isfinite(vector).all()]
+        if bad:
+            raise ValueError(f"The model returned non-finite values (NaN or infinity) for the images at positions "
+                             f"{bad} of the batch.")
+        return [PredictionResult(pixels, vector, self._config.handle) for pixels, vector in zip(batch, vectors)]
+
+    def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
+        return sum(pixels.nbytes for pixels in batch)
+
+    def get_metrics_namespace(self) -> str:
+        return "embeddings"
+
+
+class DecodedImagesModelHandler(EmbeddingModelHandler):
+    """The pipeline's handler: DecodedImage batches -> an Embedding, or the image's own Failure, per image.
+
+    Unlike the Beam contract above, one bad image does not take its batch down: a failed batch is retried
+    image by image and only the images that fail alone become Failures. Errors that are the model's or the
+    machine's (ModelOutputError, ModelEnvironmentError) still raise, since no image is to blame.
+    """
+
+    def run_inference(
+        self, batch: Sequence[DecodedImage], model, inference_args: Optional[dict] = None
     ) -> Iterable[Union[Embedding, Failure]]:
         try:
             vectors = model([image.pixels for image in batch])  # stacked by the engine that needs it
         except (ModelOutputError, ModelEnvironmentError):
             raise
         except Exception:  # MemoryError included: a smaller call may fit
-            # One bad image must not take its batch down: retry image by image, report only failures.
             return [self._embed_alone(image, model) for image in batch]
         return [_finite(image, vector) for image, vector in zip(batch, vectors)]
 
     @staticmethod
-    def _embed_alone(image: DecodedImage, model: HubEmbedder) -> Union[Embedding, Failure]:
+    def _embed_alone(image: DecodedImage, model) -> Union[Embedding, Failure]:
         for attempt in range(1, MEMORY_ATTEMPTS + 1):
             try:
                 return _finite(image, model(image.pixels[np.newaxis])[0])
@@ -192,9 +233,6 @@ class HubModelHandler(ModelHandler[DecodedImage, Union[Embedding, Failure], obje
 
     def get_num_bytes(self, batch: Sequence[DecodedImage]) -> int:
         return sum(image.pixels.nbytes for image in batch)
-
-    def get_metrics_namespace(self) -> str:
-        return "embeddings"
 
 
 def _finite(image: DecodedImage, vector: np.ndarray) -> Union[Embedding, Failure]:
@@ -219,7 +257,7 @@ class EmbedImages(beam.PTransform):
 
     def __init__(self, config: EmbedConfig):
         super().__init__()
-        self._handler = HubModelHandler(config)
+        self._handler = DecodedImagesModelHandler(config)
 
     def expand(self, images):
         return (
