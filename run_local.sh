@@ -13,7 +13,7 @@ if handle=$(python -m pipeline.models available "$MODEL"); then
   handle_args=()
 else
   echo "tfhub.dev cannot be reached: using a random-weight stand-in (python -m pipeline.standin_models; built once," \
-    "about 30 s the first time); for real weights see \"Models without a route to the hub\" in README.md." >&2
+    "about 30 s the first time); for real weights see \"Models without a route to the hub\" in docs/running.md." >&2
   log=$(mktemp)
   if ! handle=$(python -m pipeline.standin_models --model "$MODEL" --output .cache/standins 2>"$log"); then
     cat "$log" >&2

@@ -25,7 +25,7 @@ from transforms.embed import EmbedConfig, HubEmbedder, ModelOutputError, load_em
 
 # Said wherever a model cannot be had: how to run without a route to the hub.
 OFFLINE_HINT = (
-    "Without a route to the hub, put the model on disk or gs:// once (README: 'Models without a route to the hub') "
+    "Without a route to the hub, put the model on disk or gs:// once (docs/running.md: 'Models without a route to the hub') "
     "and pass that directory as --model_handle; or, to try the pipeline with random weights, build a stand-in: "
     "python -m pipeline.standin_models --model MODEL --output .cache/standins (it prints the --model_handle to use)."
 )

@@ -150,6 +150,37 @@ def vectors_by_id(table: pa.Table) -> dict[str, np.ndarray]:
     return dict(zip(table.column("id").to_pylist(), matrix))
 
 
+# The documentation a user reads: the README and the pages under docs/. Tests that check what it says read all of it.
+DOCUMENTS = [os.path.join(REPO, "README.md"), *sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))]
+_CONSOLE_FORMS = {"image-embeddings publish ": "python -m pipeline.index publish ",
+                  "image-embeddings standin ": "python -m pipeline.standin_models ",
+                  "image-embeddings ": "python -m pipeline."}
+
+
+def documented_text() -> str:
+    return "\n".join(open(path, encoding="utf-8").read() for path in DOCUMENTS)
+
+
+def documented_commands(substitutions: dict = {}) -> list:
+    """Every command line in the documents' code blocks: continuation lines joined, comments dropped, `substitutions`
+    applied, and the console form (`image-embeddings run ...`) written as the `python -m pipeline.run ...` it runs."""
+    import re
+
+    commands = []
+    for block in re.findall(r"^```[a-z]*\n(.*?)^```", documented_text(), re.S | re.M):
+        text = re.sub(r"\\\n\s*", " ", block)
+        for old, new in substitutions.items():
+            text = text.replace(old, new)
+        for line in text.splitlines():
+            line = re.sub(r"\s+#.*$", "", line.strip())
+            for console, module in _CONSOLE_FORMS.items():
+                if line.startswith(console):
+                    line = module + line[len(console):]
+                    break
+            if line.startswith("python -m pipeline."):
+                commands.append(line)
+    return commands
+
 _COLLECTED: dict = {}
 
 

@@ -21,11 +21,10 @@ from apache_beam.options.pipeline_options import (
     WorkerOptions,
 )
 
-from helpers import REPO, encode, photo, portable_services, read_embeddings, run_pipeline
+from helpers import REPO, documented_commands, encode, photo, portable_services, read_embeddings, run_pipeline
 from pipeline.fingerprint import model_fingerprint
 from pipeline.options import build_parser, refuse_unknown_args
 
-README = open(os.path.join(REPO, "README.md")).read()
 DOCKERFILES = {kind: os.path.join(REPO, "containers", kind, "Dockerfile") for kind in ("cpu", "gpu")}
 
 
@@ -36,7 +35,7 @@ def _requirements():
 
 def _recipe_options() -> str:
     """The options `python -m pipeline.flink up` prints and writes to FOLDER/beam-options (its own code, with
-    example ports), for the README's `$(cat /tmp/flink/beam-options)`."""
+    example ports), for the docs' `$(cat /tmp/flink/beam-options)`."""
     import types
 
     from pipeline.flink.cluster import LocalFlink
@@ -46,24 +45,10 @@ def _recipe_options() -> str:
 
 
 def _documented_commands():
-    """Every `python -m pipeline.run` / `pipeline.index create|update` command in the README's code blocks."""
-    blocks, inside, current = [], False, []
-    for line in README.splitlines():
-        if line.startswith("```"):
-            if inside:
-                blocks.append("\n".join(current))
-            inside, current = not inside, []
-        elif inside:
-            current.append(line)
-    commands = []
-    for block in blocks:
-        text = re.sub(r"\\\n\s*", " ", block).replace("$(cat /tmp/flink/beam-options)", _recipe_options())
-        for line in text.splitlines():
-            line = re.sub(r"\s+#.*$", "", line.strip())
-            if line.startswith(("python -m pipeline.run ", "python -m pipeline.index update ",
-                                "python -m pipeline.index create ")):
-                commands.append(line)
-    return commands
+    """Every `pipeline.run` / `pipeline.index create|update` command in the README's and docs' code blocks."""
+    return [command for command in documented_commands({"$(cat /tmp/flink/beam-options)": _recipe_options()})
+            if command.startswith(("python -m pipeline.run ", "python -m pipeline.index update ",
+                                   "python -m pipeline.index create "))]
 
 
 def test_the_readme_documents_commands_for_every_runner():
@@ -133,6 +118,34 @@ def test_the_dockerfiles_start_from_the_sdk_of_this_beam_and_a_python_chosen_at_
         for copied in re.findall(r"^COPY (?!--from)(.+) \S+$", text, re.M):
             for path in copied.split():
                 assert os.path.exists(os.path.join(REPO, path)), path
+
+
+@pytest.mark.parametrize("kind", sorted(DOCKERFILES))
+def test_the_files_a_dockerfile_copies_build_the_whole_package(kind, tmp_path):
+    """The image installs the project from what its COPY lines bring, so those must hold the package's metadata
+    (pyproject.toml) and every package: a wheel built from exactly them has the commands and the library."""
+    import shutil
+    import zipfile
+
+    with open(DOCKERFILES[kind]) as f:
+        copies = re.findall(r"^COPY (?!--from)(.+) \S+$", f.read(), re.M)
+    context = tmp_path / "context"
+    context.mkdir()
+    for path in (p for copied in copies for p in copied.split()):
+        source = os.path.join(REPO, path)
+        if os.path.isdir(source):
+            shutil.copytree(source, context / path, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, context / path)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path / "wheel"), str(context)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr[-3000:]
+    [wheel] = (tmp_path / "wheel").glob("*.whl")
+    assert wheel.name.startswith("beam_image_embeddings-")
+    names = zipfile.ZipFile(wheel).namelist()
+    for module in ("pipeline/run.py", "pipeline/index/__main__.py", "transforms/embed.py",
+                   "beam_image_embeddings/__init__.py"):
+        assert module in names, module
 
 
 def test_a_mirror_has_the_models_fingerprint_and_continues_its_indexes(tmp_path, mobilenet_handle):

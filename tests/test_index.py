@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 
-from helpers import (REPO, assert_matches_direct_calls, direct_vectors, new_index, read_embeddings, tiles, vectors_by_id,
+from helpers import (REPO, assert_matches_direct_calls, direct_vectors, documented_text, new_index, read_embeddings, tiles, vectors_by_id,
                      write_manifest)
 from pipeline.index.__main__ import main as index_main
 from pipeline.index.lease import UpdateLease, _machine
@@ -122,8 +122,7 @@ def test_the_current_view_reads_directly_in_duckdb(tmp_path, mobilenet_handle):
                   "--model_handle", mobilenet_handle) == 0
     leftover = root / "runs" / "unfinished"  # final files of a run without its log entry
     shutil.copytree(glob.glob(f"{root}/runs/*")[0], leftover)
-    readme = open(os.path.join(REPO, "README.md")).read()
-    query = readme.split("```sql\n", 1)[1].split("```", 1)[0].replace("ROOT", str(root))
+    query = documented_text().split("```sql\n", 1)[1].split("```", 1)[0].replace("ROOT", str(root))
     rows = duckdb.sql(query).fetchall()
     assert sorted((r[0], r[1]) for r in rows) == sorted(night2)
     expected = vectors_by_id(snapshot(root, tmp_path / "snap"))

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from helpers import DIM, Nights
+from helpers import DIM, Nights, documented_commands
 
 from pipeline.index.store import IndexStore
 from pipeline.search.__main__ import main as search
@@ -242,15 +242,7 @@ def test_kill_9_during_an_update_leaves_a_whole_build_served_and_the_next_update
 
 
 def _readme_search_commands() -> list:
-    import re
-
-    text = open(os.path.join(os.path.dirname(HERE), "README.md")).read().replace("\\\n", " ")
-    found = []
-    for line in text.splitlines():
-        line = re.sub(r"\s+#.*$", "", line.strip())
-        if line.startswith("python -m pipeline.search "):
-            found.append(line)
-    return found
+    return [command for command in documented_commands() if command.startswith("python -m pipeline.search ")]
 
 
 @pytest.mark.parametrize("command", _readme_search_commands())

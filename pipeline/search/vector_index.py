@@ -10,7 +10,7 @@ Three kinds, chosen by `auto` from the collection's size and the memory budget (
   budget), and re-ranking gives back the recall the codes lose. 8-bit codes were measured too: their training
   takes minutes where fast-scan's takes seconds, for less recall per byte once re-ranked. An OPQ rotation was
   measured too and left out: at dim 1664 two of its 50 training iterations took over 5 minutes on 10,000 vectors.
-faiss was chosen over ScaNN by measurement (benchmarks/search_ann.py, README "Search"); it adds vectors a batch
+faiss was chosen over ScaNN by measurement (benchmarks/search_ann.py, docs/search.md); it adds vectors a batch
 at a time and answers range queries, which bound build memory and make `duplicates` possible at scale.
 """
 
