@@ -135,16 +135,32 @@ def _run_remote(work: Callable[[], T]) -> T:
         signal.signal(signal.SIGINT, sigint)
 
 
-def run_to_end(pipeline) -> tuple:
+def run_to_end(pipeline, progress_interval_s: float = 30.0, progress_shown: bool = False) -> tuple:
     """(result, final state) of a Beam pipeline run to its end; it leaves no process of its own behind.
 
     A remote runner's launcher-side service (the FlinkRunner's job-server JVM, about 400 MB) would otherwise live
-    until interpreter exit, which these commands skip (exit_with), and pile up over an index update's runs.
+    until interpreter exit, which these commands skip (exit_with), and pile up over an index update's runs. While
+    that service starts, one line says what the launcher waits for; while a remote job runs, a line every
+    `progress_interval_s` gives its state, unless the caller shows the workers' own progress (`progress_shown`).
     """
+    import contextlib
+
+    from apache_beam.options.pipeline_options import FlinkRunnerOptions
+
+    from pipeline.progress import JobServerStartup, RemoteJobProgress, where_progress_shows
+    from pipeline.runtime import is_local_runner, runner_name
+
+    options = pipeline.options
+    remote, runner = not is_local_runner(options), runner_name(options)
     before = _descendants()
     try:
-        result = pipeline.run()
-        state = result.wait_until_finish()
+        with JobServerStartup(runner, progress_interval_s) if remote else contextlib.nullcontext():
+            result = pipeline.run()
+        heartbeat = remote and progress_interval_s > 0 and not progress_shown
+        where = where_progress_shows(runner, options.view_as(FlinkRunnerOptions).flink_master)
+        with RemoteJobProgress(runner, where, progress_interval_s).watch(result) if heartbeat \
+                else contextlib.nullcontext():
+            state = result.wait_until_finish()
         try:
             result.metrics()  # fetched from that service now; kept by the result for later queries
         except Exception:  # a runner without metrics: the report says so

@@ -5,6 +5,7 @@ A bar redrawn in place on a terminal (rich), a plain line every `--progress_inte
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -124,3 +125,88 @@ class ProgressDisplay:
                 bar.update(task, completed=done, rate=f"{rate:.1f} images/s" if rate else "")
                 if stopping:
                     return
+
+
+class JobServerStartup(logging.Filter):
+    """While a runner's job server starts, says once what the launcher waits for, then how long, every interval.
+
+    For Flink and Spark, Beam starts the runner's job server as a Java process on this machine and logs
+    "Waiting for grpc channel to be ready at HOST:PORT." at WARNING every few seconds until it answers: six
+    lines that name neither the server nor the runner. Installed on the root logger, which Beam logs them to.
+    """
+
+    BEAMS_MESSAGE = "Waiting for grpc channel to be ready at %s."
+
+    def __init__(self, runner: str, interval_s: float, stream=None):
+        super().__init__()
+        self._runner = runner
+        self._interval_s = interval_s or 30.0
+        self._stream = stream or sys.stderr
+        self._since: Optional[float] = None
+        self._said = 0.0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != self.BEAMS_MESSAGE:
+            return True
+        endpoint = record.args[0] if record.args else "its port"
+        now = time.monotonic()
+        if self._since is None:
+            self._since = self._said = now
+            print(f"Starting {self._runner}'s job server: Beam runs it as a Java process on this machine and the job "
+                  f"is submitted once it answers at {endpoint} (usually 10-60 s).", file=self._stream, flush=True)
+        elif now - self._said >= self._interval_s:
+            self._said = now
+            print(f"still starting {self._runner}'s job server at {endpoint}: {_duration(now - self._since)}",
+                  file=self._stream, flush=True)
+        return False
+
+    def __enter__(self) -> "JobServerStartup":
+        logging.getLogger().addFilter(self)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        logging.getLogger().removeFilter(self)
+
+
+class RemoteJobProgress:
+    """A line every interval while a job runs where the launcher cannot count its workers' progress: the job's
+    state as the runner reports it, how long it has run, and where the runner shows more."""
+
+    def __init__(self, runner: str, where: str, interval_s: float, stream=None):
+        self._runner = runner
+        self._where = where
+        self._interval_s = interval_s
+        self._stream = stream or sys.stderr
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def watch(self, result) -> "RemoteJobProgress":
+        self._thread = threading.Thread(target=self._loop, args=(result,), name="job-progress", daemon=True)
+        self._thread.start()
+        return self
+
+    def _loop(self, result) -> None:
+        started = time.monotonic()
+        while not self._stop.wait(self._interval_s):
+            try:
+                state = result.state
+            except Exception:  # the runner's service is going away: the job's end is reported by the launcher
+                return
+            print(f"progress: the job is {state} on {self._runner} for {_duration(time.monotonic() - started)}; "
+                  f"{self._where}", file=self._stream, flush=True)
+
+    def __enter__(self) -> "RemoteJobProgress":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+def where_progress_shows(runner: str, flink_master: Optional[str]) -> str:
+    if runner == "FlinkRunner" and flink_master and not flink_master.startswith("["):
+        return f"per-step progress in Flink's web UI, http://{flink_master}"
+    if runner == "DataflowRunner":
+        return "per-step progress in the Dataflow console (gcloud dataflow jobs list)"
+    return "per-step progress in the runner's own UI; the workers' logs count inputs done"

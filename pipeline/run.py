@@ -60,6 +60,7 @@ from pipeline.runtime import (
     runner_name,
     with_direct_defaults,
     with_thread_defaults,
+    workers_on_this_machine,
 )
 from transforms.embed import EmbedConfig
 from transforms.records import Stage
@@ -132,13 +133,15 @@ def run(config: JobConfig, beam_args: Sequence[str], announce: bool = True) -> d
         print(plan.describe(config.input), flush=True)
 
     started = datetime.datetime.now(datetime.timezone.utc)
-    show_progress = config.progress_interval_s > 0 and is_local_runner(options)
+    show_progress = config.progress_interval_s > 0 and workers_on_this_machine(options)
     display = ProgressDisplay(plan.inputs, config.progress_interval_s) if show_progress else None
     p = beam.Pipeline(options=options)
     build_pipeline(p, config, metadata, display.directory if display else None)
     with display or contextlib.nullcontext(), collector_frozen():
         try:
-            result, state = run_interruptibly(lambda: run_to_end(p), local_workers=is_local_runner(options))
+            result, state = run_interruptibly(
+                lambda: run_to_end(p, config.progress_interval_s, progress_shown=show_progress),
+                local_workers=is_local_runner(options))
         except RuntimeError as exc:
             if is_local_runner(options):  # raised in this process: its traceback points at the cause
                 raise

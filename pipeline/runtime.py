@@ -10,7 +10,13 @@ import os
 import re
 from typing import Sequence
 
-from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import (
+    DirectOptions,
+    FlinkRunnerOptions,
+    PipelineOptions,
+    PortableOptions,
+    StandardOptions,
+)
 
 from pipeline.options import JobConfig
 from transforms.embed import VERBOSE_ENV
@@ -43,6 +49,28 @@ def runner_name(options: PipelineOptions) -> str:
 
 def is_local_runner(options: PipelineOptions) -> bool:
     return options.view_as(StandardOptions).runner in LOCAL_RUNNERS
+
+
+_THIS_MACHINE = ("localhost", "127.0.0.1", "[::1]", "::1")
+
+
+def _host(address: str) -> str:
+    return address.rsplit(":", 1)[0] if address.count(":") == 1 or address.startswith("[") else address
+
+
+def workers_on_this_machine(options: PipelineOptions) -> bool:
+    """Whether the Python stages run where the launcher can read their files: DirectRunner; LOOPBACK workers (in
+    this process); or a Flink cluster on this machine whose SDK worker pool is here too (pipeline.flink up)."""
+    if is_local_runner(options):
+        return True
+    portable = options.view_as(PortableOptions)
+    environment = (portable.environment_type or "").upper()
+    if environment == "LOOPBACK":
+        return True
+    flink_master = options.view_as(FlinkRunnerOptions).flink_master or "[auto]"  # [auto], [local]: embedded here
+    return (runner_name(options) == "FlinkRunner" and (_host(flink_master) in _THIS_MACHINE or flink_master in
+                                                       ("[auto]", "[local]"))
+            and environment == "EXTERNAL" and _host(portable.environment_config or "") in _THIS_MACHINE)
 
 
 def with_direct_defaults(beam_args: Sequence[str]) -> list[str]:

@@ -42,9 +42,12 @@ def test_a_run_on_flink_accounts_for_every_input_once_with_direct_runner_vectors
     cache = tmp_path / "compiled"  # a folder every TaskManager reads: on this machine, any local folder
     args = ("--input", manifest, "--model_handle", mobilenet_handle, "--compiled_cache", str(cache))
 
-    assert run_pipeline(*args, "--output", str(tmp_path / "flink"), *flink.beam_args()) == 0
+    assert run_pipeline(*args, "--output", str(tmp_path / "flink"), "--progress_interval=1", *flink.beam_args()) == 0
     err = capfd.readouterr().err
     assert f"WARNING: on FlinkRunner every worker reads these local paths itself: --input {manifest}" in err
+    # Beam's six "Waiting for grpc channel" lines are one sentence; the worker pool is here, so progress is counted.
+    assert "Waiting for grpc channel" not in err and err.count("Starting FlinkRunner's job server") <= 1
+    assert "progress: 14 / 14 inputs done (100%)" in err
     assert run_pipeline(*args, "--output", str(tmp_path / "direct")) == 0
 
     _every_input_once(tmp_path / "flink", good_ids, bad_ids)
