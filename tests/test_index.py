@@ -107,6 +107,23 @@ def test_the_snapshot_has_the_schema_and_metadata_of_a_run(tmp_path, mobilenet_h
     assert sorted(read_embeddings(str(tmp_path / "snap")).column("id").to_pylist()) == sorted(paths)
 
 
+def test_index_json_and_status_name_the_engine_the_runs_used(tmp_path, mobilenet_handle, capsys):
+    """The oracle is what the sink wrote into the runs' own Parquet files."""
+    root = tmp_path / "index"
+    paths = tiles(tmp_path / "imgs", 3)
+    new_index(root, mobilenet_handle)
+    recorded = json.loads((root / "index.json").read_text())["engine"]
+    assert update("--input", write_manifest(tmp_path / "m.csv", [(f"i{n}", p) for n, p in enumerate(paths)]),
+                  "--index", str(root), "--run_size", "2") == 0
+    used = {pq.read_schema(path).metadata[b"embedding.engine"].decode()
+            for path in glob.glob(f"{root}/runs/*/embeddings-*.parquet")}
+    assert len(used) == 1 and used == {recorded}
+    assert recorded.startswith("litert")  # the registry's choice for MobileNet under --engine auto
+    assert status(root, capsys)["engines"] == [recorded]
+    assert index_main(["status", "--index", str(root)]) == 0
+    assert f"  engine: {recorded} (the runs)" in capsys.readouterr().out
+
+
 def test_the_current_view_reads_directly_in_duckdb(tmp_path, mobilenet_handle):
     """The README's query: committed runs only, the last update's live ids, each id's latest vector."""
     import duckdb

@@ -40,7 +40,7 @@ from pipeline.publish.sync import (DEFAULT_ANN_MIN_ROWS, DEFAULT_TABLE, PublishF
 from pipeline.options import (build_parser, config_from_args, parse_known, positive_int, refuse_repeated,
                               refuse_unknown_args)
 from pipeline.outputs import RUN_REPORT, earlier_results, prepare_output_dir, summarize_outputs
-from pipeline.preflight import check_model, metadata_differences, output_metadata
+from pipeline.preflight import metadata_differences, output_metadata
 from pipeline.report import software_versions
 from pipeline.interrupt import INTERRUPTED, exit_with, started
 from pipeline.metrics import CommandMetrics, add_metrics_options
@@ -83,11 +83,14 @@ def create(argv: Sequence[str]) -> int:
                            f"python -m pipeline.index update --index {store.root} --input ...")
     if not store.is_empty():
         raise IndexRefused(f"{store.root} holds files and is not an index; create the index in a new or empty folder.")
-    check_model(config.embed, MODELS[config.model.name].resizable if config.model.name in MODELS else True)
+    # Settled as an update settles it (model checked, LiteRT compiled and verified where chosen): index.json's
+    # engine is the one the updates with these options run, and the first update reuses the compiled model.
+    config = dataclasses.replace(config, embed=choose_engine(config, PipelineOptions(beam_args),
+                                                             MODELS.get(config.model.name)))
     store.objects.check_conditional_writes(store.root)
     identity = store.create_identity(output_metadata(config))
     print(f"Created index {store.root}: {identity['model']} ({identity['image_size']}x{identity['image_size']}, dim "
-          f"{identity['dim']}), {identity['fingerprint']}, {identity['precision']}.")
+          f"{identity['dim']}), {identity['fingerprint']}, {identity['precision']}, engine {identity['engine']}.")
     if identity["weights"].startswith("STAND-IN"):
         print(f"Note: {identity['weights']}.")
     print(f"Next, every night: python -m pipeline.index update --index {store.root} --input MANIFEST_FOLDER_OR_GLOB")
@@ -246,6 +249,8 @@ def status(argv: Sequence[str]) -> int:
     if identity.get("weights", "").startswith("STAND-IN"):
         print(f"  weights: {identity['weights']}")
     print(f"  runs: {state.runs} from {plural(state.updates, 'update')}; last update: {state.last_update or 'none'}")
+    print(f"  engine: {', then '.join(state.engines) if state.engines else identity.get('engine', 'unknown')}"
+          f"{' (the runs)' if state.engines else ' (chosen at create; no run yet)'}")
     print(f"  live ids: {state.live_ids} ({state.embedded} embedded, {state.failed} failed)")
     if state.failed:
         print(f"  failed: {state.failed - state.failed_for_good} to be read again by the next update (a read that "

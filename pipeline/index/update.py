@@ -157,7 +157,8 @@ def update_index(
             lease.verify()
             run_counts = report["counts"]
             seq = store.append(seq + 1, {"kind": "run", "run": run_name, "update": name,
-                                         "embedded": run_counts["embedded"], "errors": run_counts["errors"]}).seq
+                                         "embedded": run_counts["embedded"], "errors": run_counts["errors"],
+                                         "engine": report["engine"]}).seq
             crashpoints.reach("update.run_committed")
             embedded += run_counts["embedded"]
             failed += run_counts["errors"]

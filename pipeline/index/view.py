@@ -38,6 +38,7 @@ class IndexStatus:
     unfinished_updates: tuple  # updates that began and did not finish
     running_update: Optional[str]  # the holder of the lease, if any
     leftovers: tuple  # folders the next update removes
+    engines: tuple = ()  # the engines the committed runs used (run log entries), oldest first, each once
 
 
 def vector_files(store: IndexStore, entries: Sequence[LogEntry]) -> list[tuple]:
@@ -177,6 +178,7 @@ def index_status(store: IndexStore, running_update: Optional[str] = None) -> Ind
         unfinished_updates=tuple(u for u in begun if u not in finished and u != running_update),
         running_update=running_update,
         leftovers=tuple(store.leftovers(entries, keep_update=running_update)),
+        engines=tuple(dict.fromkeys(run.body["engine"] for run in runs if run.body.get("engine"))),
     )
 
 
