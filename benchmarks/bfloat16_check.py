@@ -23,6 +23,7 @@ sys.path.insert(0, HERE)
 
 def embed_in_this_process(handle, size, dim, bfloat16, corpus_dir, count, out_path):
     from run_benchmark import batch_for, build_corpus
+
     from transforms.decode import PreprocessConfig, decode_image
     from transforms.embed import EmbedConfig, HubEmbedder
 

@@ -23,7 +23,6 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import numpy as np  # noqa: E402
-
 from search_nights import SAMPLE, Root, Stream, _recall, exact_neighbours, timed  # noqa: E402
 
 WORK = os.path.join(HERE, "results", "work-search-distributed")

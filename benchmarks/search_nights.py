@@ -28,7 +28,6 @@ sys.path.insert(0, HERE)
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-
 from search_ann import DIM, draws  # noqa: E402
 
 WORK = os.path.join(HERE, "results", "work-search-nights")

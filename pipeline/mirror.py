@@ -14,7 +14,7 @@ import json
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.fingerprint import model_folder, model_fingerprint
+from pipeline.fingerprint import model_fingerprint, model_folder
 
 MIRROR_RECORD = "mirror.json"
 _CHUNK = 1 << 22

@@ -13,7 +13,6 @@ import socket
 import urllib.parse
 from typing import Optional
 
-
 # Near-duplicate threshold of the hub's ImageNet feature vectors (docs/search.md: how it was chosen).
 DEFAULT_DUPLICATE_THRESHOLD = 0.95
 

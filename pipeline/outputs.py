@@ -11,7 +11,6 @@ from apache_beam.io.filesystems import FileSystems
 
 from transforms.sink import EMBEDDINGS_PREFIX, ERRORS_PREFIX, METADATA_PREFIX, PIPELINE_DONE, output_files_pattern
 
-
 # Written last by the launcher. The leading underscore makes dataset readers (pyarrow, pandas, Spark, DuckDB's hive
 # reader) skip it, so that a reader of the folder sees only Parquet.
 RUN_REPORT = "_run_report.json"

@@ -12,10 +12,10 @@ import os
 from typing import Optional
 
 import numpy as np
-
 from apache_beam.io.filesystems import FileSystems
 
-from pipeline.engine import default_cache, describe as describe_engine, planned_engine
+from pipeline.engine import default_cache, planned_engine
+from pipeline.engine import describe as describe_engine
 from pipeline.fingerprint import model_fingerprint
 from pipeline.models import handle_available
 from pipeline.options import JobConfig

@@ -34,8 +34,8 @@ from pipeline.engine import (
 )
 from pipeline.fingerprint import model_fingerprint
 from pipeline.interrupt import INTERRUPTED, exit_with, run_interruptibly, run_to_end, started
-from pipeline.models import MODELS
 from pipeline.metrics import CommandMetrics, add_metrics_options
+from pipeline.models import MODELS
 from pipeline.options import DEFAULT_BATCH, JobConfig, build_parser, config_from_args, parse_known
 from pipeline.outputs import RUN_REPORT, OutputDirError, earlier_results, prepare_output_dir, summarize_outputs
 from pipeline.preflight import (
@@ -66,6 +66,7 @@ from transforms.embed import EmbedConfig
 from transforms.records import Stage
 from transforms.sink import remove_partial_outputs
 from transforms.source import SKIPPED_COUNTER, ManifestError, plan_input
+
 
 class JobFailed(RuntimeError):
     """A remote runner reported the job failed (after its own retries)."""

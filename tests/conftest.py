@@ -21,11 +21,17 @@ FLINK_CACHE = FLINK_RECIPE_CACHE  # the recipe's (python -m pipeline.flink): Fli
 
 
 def _standin(name: str) -> str:
+    """Built once; under pytest-xdist (-n) the first worker builds it while the others wait on the lock."""
+    import fcntl
+
     from pipeline.models import MODELS
     from pipeline.standin_models import cached_standin, load_calibration_images
 
     spec = MODELS[name]
-    return cached_standin(spec, STANDIN_CACHE, load_calibration_images(os.path.join(SAMPLES, "*"), spec))
+    os.makedirs(STANDIN_CACHE, exist_ok=True)
+    with open(os.path.join(STANDIN_CACHE, f".{name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return cached_standin(spec, STANDIN_CACHE, load_calibration_images(os.path.join(SAMPLES, "*"), spec))
 
 
 @pytest.fixture(scope="session")

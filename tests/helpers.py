@@ -6,6 +6,7 @@ import contextlib
 import glob
 import io
 import os
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -161,7 +162,7 @@ def documented_text() -> str:
     return "\n".join(open(path, encoding="utf-8").read() for path in DOCUMENTS)
 
 
-def documented_commands(substitutions: dict = {}) -> list:
+def documented_commands(substitutions: Optional[dict] = None) -> list:
     """Every command line in the documents' code blocks: continuation lines joined, comments dropped, `substitutions`
     applied, and the console form (`image-embeddings run ...`) written as the `python -m pipeline.run ...` it runs."""
     import re
@@ -169,7 +170,7 @@ def documented_commands(substitutions: dict = {}) -> list:
     commands = []
     for block in re.findall(r"^```[a-z]*\n(.*?)^```", documented_text(), re.S | re.M):
         text = re.sub(r"\\\n\s*", " ", block)
-        for old, new in substitutions.items():
+        for old, new in (substitutions or {}).items():
             text = text.replace(old, new)
         for line in text.splitlines():
             line = re.sub(r"\s+#.*$", "", line.strip())

@@ -15,10 +15,10 @@ import pytest
 
 from helpers import PHOTO_NAMES, REPO, assert_matches_direct_calls, encode, photo, read_embeddings, run_pipeline
 from pipeline.engine import EngineError, compile_litert, fidelity, resolve_engine
-from pipeline.models import MODELS
 from pipeline.fingerprint import model_fingerprint
+from pipeline.models import MODELS
 from transforms.decode import PreprocessConfig, decode_image
-from transforms.embed import EmbedConfig, HubEmbedder, DecodedImagesModelHandler
+from transforms.embed import DecodedImagesModelHandler, EmbedConfig, HubEmbedder
 from transforms.litert_engine import LiteRTEmbedder
 
 MOBILENET, INCEPTION = MODELS["mobilenet_v2_130_224"], MODELS["inception_resnet_v2"]

@@ -29,7 +29,8 @@ def _parses(words: list) -> None:
     from pipeline.cli import COMMANDS
     from pipeline.index.__main__ import _update_parser
     from pipeline.options import parse_known, refuse_unknown_args
-    from pipeline.search.__main__ import _parser as search_parser, _subcommand
+    from pipeline.search.__main__ import _parser as search_parser
+    from pipeline.search.__main__ import _subcommand
 
     command, rest = words[0], words[1:]
     assert command in COMMANDS, words

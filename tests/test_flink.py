@@ -12,8 +12,18 @@ import urllib.request
 import numpy as np
 import pytest
 
-from helpers import REPO, encode, new_index, photo, read_embeddings, read_errors, run_pipeline, tiles, vectors_by_id, \
-    write_manifest
+from helpers import (
+    REPO,
+    encode,
+    new_index,
+    photo,
+    read_embeddings,
+    read_errors,
+    run_pipeline,
+    tiles,
+    vectors_by_id,
+    write_manifest,
+)
 from pipeline.index.__main__ import main as index_main
 
 

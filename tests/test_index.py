@@ -12,12 +12,22 @@ import time
 import numpy as np
 import pyarrow.parquet as pq
 
-from helpers import (REPO, assert_matches_direct_calls, direct_vectors, documented_text, new_index, read_embeddings, tiles, vectors_by_id,
-                     write_manifest)
+from helpers import (
+    REPO,
+    assert_matches_direct_calls,
+    direct_vectors,
+    documented_text,
+    new_index,
+    read_embeddings,
+    tiles,
+    vectors_by_id,
+    write_manifest,
+)
 from pipeline.index.__main__ import main as index_main
 from pipeline.index.lease import UpdateLease, _machine
 from pipeline.index.store import IndexStore
 from pipeline.models import MODELS
+
 
 def update(*args):
     return index_main(["update", *args, "--direct_running_mode=in_memory", "--progress_interval=0"])

@@ -7,10 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from helpers import commit_run, commit_update, synthetic_metadata
 from pipeline.index import spill
 from pipeline.index.store import IndexStore
 from pipeline.index.view import current_selection, index_status
-from helpers import commit_run, commit_update, synthetic_metadata
 
 DIM = 4
 

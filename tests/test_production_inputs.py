@@ -236,7 +236,7 @@ def test_an_image_that_keeps_exhausting_memory_ends_as_a_failure_row():
 def test_environment_errors_of_the_model_fail_the_bundle_but_data_errors_do_not(mobilenet_handle):
     import tensorflow as tf
 
-    from transforms.embed import EmbedConfig, HubEmbedder, DecodedImagesModelHandler, ModelEnvironmentError
+    from transforms.embed import DecodedImagesModelHandler, EmbedConfig, HubEmbedder, ModelEnvironmentError
     from transforms.records import DecodedImage
 
     handler = DecodedImagesModelHandler(EmbedConfig(handle=mobilenet_handle, image_size=224, dim=1664))

@@ -17,8 +17,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import (REPO, commit_run, commit_update, new_index, read_embeddings, synthetic_metadata, tiles,
-                     write_manifest)
+from helpers import (
+    REPO,
+    commit_run,
+    commit_update,
+    new_index,
+    read_embeddings,
+    synthetic_metadata,
+    tiles,
+    write_manifest,
+)
 from pipeline.index.__main__ import main as index_main
 from pipeline.index.store import IndexStore
 from pipeline.index.view import current_selection

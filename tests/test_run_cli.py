@@ -185,7 +185,7 @@ def test_the_job_marks_its_output_finished_itself_so_a_lost_launcher_costs_no_re
 
 def test_a_job_that_fails_on_a_remote_runner_ends_in_one_clear_error_and_exit_1(tmp_path, capsys, monkeypatch,
                                                                                 mobilenet_handle):
-    def failed_on_the_cluster(pipeline):
+    def failed_on_the_cluster(pipeline, *args, **kwargs):
         raise RuntimeError("Pipeline BeamApp-x failed in state FAILED: java.lang.Exception: Recovery is suppressed\n"
                            "\tat org.apache.flink...")
 

@@ -63,9 +63,10 @@ def test_portable_runner_with_an_external_worker_pool(tmp_path, corpus, mobilene
 
 
 def test_worker_processes_split_the_cores_between_them_unless_threads_are_set():
+    from apache_beam.options.pipeline_options import PipelineOptions
+
     from pipeline.options import parse_args
     from pipeline.run import with_thread_defaults
-    from apache_beam.options.pipeline_options import PipelineOptions
 
     def threads(*args):
         config, beam_args = parse_args(["--input", "x/*", "--output", "o", *args])

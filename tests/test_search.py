@@ -17,11 +17,10 @@ import pytest
 from PIL import Image
 
 from helpers import PHOTO_NAMES, encode, photo, run_pipeline
-from thumbnail_model import build_thumbnail_model
-
 from pipeline.search.__main__ import main as search
 from pipeline.search.contact_sheet import THUMB, draw_contact_sheet, tile_box
 from pipeline.search.store import open_search_index
+from thumbnail_model import build_thumbnail_model
 from transforms.sink import embeddings_schema
 from transforms.uri_reader import ReadConfig
 

@@ -16,10 +16,10 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from helpers import DIM, Nights, documented_commands
-
 from pipeline.index.store import IndexStore
 from pipeline.search.__main__ import main as search
 from pipeline.search.store import file_names, open_search_index

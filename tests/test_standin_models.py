@@ -6,11 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from helpers import PHOTO_NAMES, photo
+from helpers import PHOTO_NAMES, encode, photo
 from pipeline.models import MODELS
 from pipeline.standin_models import STANDIN_MARKER, standin_info
 from transforms.decode import PreprocessConfig, decode_image
-from helpers import encode
 
 
 @pytest.fixture(scope="module", params=["mobilenet_v2_130_224", "inception_resnet_v2"])

@@ -14,13 +14,12 @@ whole write has succeeded.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
-
 import datetime
 import glob
 import json
 import os
 import shutil
+from typing import Mapping, Sequence
 
 import apache_beam as beam
 import numpy as np

@@ -17,7 +17,6 @@ import tempfile
 
 from pipeline.flink.dist import DEFAULT_CACHE, FlinkSetupError, flink_home, job_server_jar
 
-
 OPTIONS_FILE = "beam-options"  # the options printed, for $(cat FOLDER/beam-options)
 
 

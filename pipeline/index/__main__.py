@@ -34,19 +34,25 @@ from pipeline.index.objects import StoreError, UnsupportedStore
 from pipeline.index.store import CommitRefused, IndexCorrupt, IndexRefused, IndexStore, now_iso
 from pipeline.index.update import DEFAULT_MAX_REMOVED, RemovalLimit, update_index
 from pipeline.index.view import WriteSnapshot, index_status
-from pipeline.models import CUSTOM_MODEL, MODELS
-from pipeline.publish.sync import (DEFAULT_ANN_MIN_ROWS, DEFAULT_TABLE, PublishFailed, PublishRefused, publish as
-                                   publish_view, target_for)
-from pipeline.options import (build_parser, config_from_args, parse_known, positive_int, refuse_repeated,
-                              refuse_unknown_args)
-from pipeline.outputs import RUN_REPORT, earlier_results, prepare_output_dir, summarize_outputs
-from pipeline.preflight import metadata_differences, output_metadata
-from pipeline.report import software_versions
 from pipeline.interrupt import INTERRUPTED, exit_with, started
 from pipeline.metrics import CommandMetrics, add_metrics_options
+from pipeline.models import CUSTOM_MODEL, MODELS
+from pipeline.options import (
+    build_parser,
+    config_from_args,
+    parse_known,
+    positive_int,
+    refuse_repeated,
+    refuse_unknown_args,
+)
+from pipeline.outputs import RUN_REPORT, earlier_results, prepare_output_dir, summarize_outputs
+from pipeline.preflight import metadata_differences, output_metadata
+from pipeline.publish.sync import DEFAULT_ANN_MIN_ROWS, DEFAULT_TABLE, PublishFailed, PublishRefused, target_for
+from pipeline.publish.sync import publish as publish_view
+from pipeline.report import software_versions
 from pipeline.run import PREFLIGHT_ERRORS, JobFailed, check_workers_reach, choose_engine, run
-from pipeline.standin_models import STANDIN_WARNING
 from pipeline.runtime import configure_logging, is_local_runner
+from pipeline.standin_models import STANDIN_WARNING
 from transforms.records import plural
 from transforms.source import input_kind, plan_input
 

@@ -21,8 +21,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.publish.sync import PublishFailed, PublishRefused, PublishState
-from transforms import crashpoints
 from pipeline.search.collection import Batch
+from transforms import crashpoints
 
 STATE_TABLE = "beam_image_embeddings_published"
 # Lower case: PostgreSQL folds unquoted names, so the name people type in queries is the name of the table.

@@ -25,11 +25,10 @@ if __name__ == "__main__":  # first, before the seconds of imports below
 import argparse
 import sys
 import time
-from typing import Optional
-from typing import Sequence
+from typing import Optional, Sequence
 
-from pipeline.interrupt import INTERRUPTED, exit_with, started
 from pipeline.index.store import IndexCorrupt
+from pipeline.interrupt import INTERRUPTED, exit_with, started
 from pipeline.models import duplicate_threshold
 from pipeline.options import refuse_repeated, refuse_unknown_args
 from pipeline.runtime import configure_logging

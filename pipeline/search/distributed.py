@@ -35,11 +35,30 @@ from pipeline.interrupt import run_interruptibly, run_to_end
 from pipeline.runtime import is_local_runner, runner_name, with_direct_defaults
 from pipeline.search.collection import Collection
 from pipeline.search.items import ItemsWriter, repeated
-from pipeline.search.store import (MANIFEST, Generation, SearchIndexError, _manifest_version, local_copy,
-                                   publish_manifest, refuse_repeated_ids, save_index_files, search_manifest,
-                                   upload_file)
-from pipeline.search.vector_index import (Filling, Plan, TopK, TRUTH_DEPTH, finish, import_faiss, normalised,
-                                          plan_build, start_filling, _rows)
+from pipeline.search.store import (
+    MANIFEST,
+    Generation,
+    SearchIndexError,
+    _manifest_version,
+    local_copy,
+    publish_manifest,
+    refuse_repeated_ids,
+    save_index_files,
+    search_manifest,
+    upload_file,
+)
+from pipeline.search.vector_index import (
+    TRUTH_DEPTH,
+    Filling,
+    Plan,
+    TopK,
+    _rows,
+    finish,
+    import_faiss,
+    normalised,
+    plan_build,
+    start_filling,
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,8 +24,17 @@ import numpy as np
 from pipeline.preflight import metadata_differences
 from pipeline.search.collection import CollectionError, from_index, index_source, selected
 from pipeline.search.items import ItemsWriter, fingerprints
-from pipeline.search.store import (Generation, SearchIndex, SearchIndexError, build_search_index, file_names, now,
-                                   open_search_index, publish_manifest, save_index_files)
+from pipeline.search.store import (
+    Generation,
+    SearchIndex,
+    SearchIndexError,
+    build_search_index,
+    file_names,
+    now,
+    open_search_index,
+    publish_manifest,
+    save_index_files,
+)
 from pipeline.search.vector_index import StoredVectors, normalised, retune
 from transforms.crashpoints import reach
 
