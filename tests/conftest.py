@@ -129,9 +129,20 @@ SLOW_NAMES = ("kill", "crash", "ctrl_c", "at_scale", "test_search_distributed.py
               "three_nights", "listing_that_fails", "uris_all_fail")
 
 
+# Under pytest-xdist (run_tests.sh: --dist loadgroup), the tests of one session-wide server or cluster run on one
+# worker, so that each is started once, as in a serial run.
+XDIST_GROUPS = {"flink": "flink", "postgres": "postgres", "fake_gcs": "gcs", "gcs": "gcs", "airflow_python": "airflow"}
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
+        on_gcs = params.get("index_root") == "gs" or params.get("where") == "gs"
         if (SLOW_FIXTURES & set(item.fixturenames) or any(word in item.nodeid for word in SLOW_NAMES)
-                or params.get("index_root") == "gs" or params.get("where") == "gs"):
+                or on_gcs):
             item.add_marker(pytest.mark.slow)
+        groups = {group for fixture, group in XDIST_GROUPS.items() if fixture in item.fixturenames}
+        if on_gcs:
+            groups.add("gcs")
+        if groups:
+            item.add_marker(pytest.mark.xdist_group(sorted(groups)[0]))

@@ -1,6 +1,6 @@
 """The compiled engine: a .tflite conversion of the hub model, run by LiteRT with XNNPACK. No TensorFlow here.
 
-The artifact is converted once per job by the launcher (pipeline/compile.py), with the uint8 -> float32
+The artifact is converted once per job by the launcher (pipeline/engine.py), with the uint8 -> float32
 [0, 1] cast inside the graph, and read by every worker from a location they can all reach.
 """
 
