@@ -1,4 +1,4 @@
-"""Reading embeddings files (`embeddings-*.parquet`): their footers, their `embedding.*` metadata and their vectors.
+"""Reading the pipeline's Parquet files (`embeddings-*.parquet` above all): footers, `embedding.*` metadata, vectors.
 
 One definition for run, index, search and publish, on every filesystem Beam reads; the schema itself is the
 sink's (transforms/sink.py: embeddings_schema).

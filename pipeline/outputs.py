@@ -9,7 +9,8 @@ import uuid
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
-from transforms.sink import EMBEDDINGS_PREFIX, ERRORS_PREFIX, METADATA_PREFIX, PIPELINE_DONE, output_files_pattern
+from pipeline.embeddings_io import embedding_metadata, open_parquet
+from transforms.sink import EMBEDDINGS_PREFIX, ERRORS_PREFIX, PIPELINE_DONE, output_files_pattern
 
 # Written last by the launcher. The leading underscore makes dataset readers (pyarrow, pandas, Spark, DuckDB's hive
 # reader) skip it, so that a reader of the folder sees only Parquet.
@@ -86,22 +87,14 @@ class OutputSummary:
 
 def summarize_outputs(output_dir: str) -> OutputSummary:
     """Reads back what a run wrote: row counts, failures by stage and the model metadata."""
-    import pyarrow.parquet as pq
-
     embedded, metadata = 0, {}
     embedding_files = _output_files(output_dir, EMBEDDINGS_PREFIX)
     for path in embedding_files:
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            parquet = pq.ParquetFile(f)
+        with open_parquet(path) as parquet:
             embedded += parquet.metadata.num_rows
-            schema = parquet.schema_arrow
-            metadata = {
-                key.decode()[len(METADATA_PREFIX):]: value.decode()
-                for key, value in (schema.metadata or {}).items()
-                if key.decode().startswith(METADATA_PREFIX)
-            }
+            metadata = embedding_metadata(parquet.schema_arrow)
     stages = collections.Counter()
     for path in _output_files(output_dir, ERRORS_PREFIX):
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            stages.update(pq.read_table(f, columns=["stage"]).column("stage").to_pylist())
+        with open_parquet(path) as parquet:
+            stages.update(parquet.read(columns=["stage"]).column("stage").to_pylist())
     return OutputSummary(embedded, dict(stages), metadata, embedding_files)

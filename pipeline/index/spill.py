@@ -19,8 +19,8 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
+
+from pipeline.embeddings_io import open_parquet, row_count
 
 ROWS_PER_BUCKET = 1_000_000
 READ_ROWS = 65536
@@ -47,21 +47,12 @@ def concat(tables: list, schema: pa.Schema) -> pa.Table:
     return pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
 
 
-def parquet_rows(path: str) -> int:
-    import pyarrow.parquet as pq
-
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        return pq.ParquetFile(f).metadata.num_rows
-
-
 def read_pairs(path: str, extra: dict) -> Iterator[pa.Table]:
     """id and uri of the Parquet file at `path`, READ_ROWS at a time, with the constant columns `extra`
     (name -> int) and `row`, the row number in the file."""
-    import pyarrow.parquet as pq
-
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    with open_parquet(path, pre_buffer=False) as parquet:
         start = 0
-        for batch in pq.ParquetFile(f, pre_buffer=False).iter_batches(columns=["id", "uri"], batch_size=READ_ROWS):
+        for batch in parquet.iter_batches(columns=["id", "uri"], batch_size=READ_ROWS):
             n = batch.num_rows
             columns = {"id": batch.column("id").cast(pa.string()), "uri": batch.column("uri").cast(pa.string()),
                        **{name: pa.array(np.full(n, value, np.int64)) for name, value in extra.items()},
@@ -123,4 +114,4 @@ class Buckets:
 
 
 def total_rows(paths: Sequence[str]) -> int:
-    return sum(parquet_rows(path) for path in paths)
+    return sum(row_count(path) for path in paths)

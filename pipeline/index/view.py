@@ -13,14 +13,13 @@ from typing import Iterator, Optional, Sequence
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
-from apache_beam.io.filesystem import CompressionTypes
-from apache_beam.io.filesystems import FileSystems
 
+from pipeline.embeddings_io import file_metadata, open_parquet, row_count, vectors
 from pipeline.index.plan import ToBuckets, bucket_count
-from pipeline.index.spill import Buckets, concat, parquet_rows, read_pair_tables, read_pairs, total_rows
+from pipeline.index.spill import Buckets, concat, read_pair_tables, read_pairs, total_rows
 from pipeline.index.store import IndexStore, LogEntry
 from transforms.embed import Embedding
-from transforms.sink import METADATA_PREFIX, WriteEmbeddings
+from transforms.sink import WriteEmbeddings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +104,7 @@ def changes_since(store: IndexStore, entries: Sequence[LogEntry], earlier: Seque
     import pyarrow.compute as pc
 
     files = vector_files(store, entries)
-    masks = [np.zeros(parquet_rows(path), bool) for _, path in files]
+    masks = [np.zeros(row_count(path), bool) for _, path in files]
     entered, count, removed, then_counts, removed_live = 0, 0, [], [0] * len(earlier), 0
     with _joined(store, entries, files, earlier) as buckets:
         for bucket in buckets:
@@ -193,12 +192,9 @@ def _selected_rows(bucket_and_parts) -> Iterator[tuple]:
 
 def _read_rows(number_and_rows: tuple, files: Sequence[str]) -> Iterator[Embedding]:
     """(file number, arrays of row numbers) -> the Embedding of each of those rows, read in file order."""
-    import pyarrow.parquet as pq
-
     number, parts = number_and_rows
     wanted = np.sort(np.concatenate(list(parts)))
-    with FileSystems.open(files[number], compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        parquet = pq.ParquetFile(f, pre_buffer=False)
+    with open_parquet(files[number], pre_buffer=False) as parquet:
         dim = parquet.schema_arrow.field("embedding").type.list_size
         start = 0
         for batch in parquet.iter_batches(batch_size=4096):
@@ -207,7 +203,7 @@ def _read_rows(number_and_rows: tuple, files: Sequence[str]) -> Iterator[Embeddi
             if hi == lo:
                 continue
             batch = batch.take(pa.array(wanted[lo:hi] - (start - batch.num_rows)))
-            matrix = batch.column("embedding").flatten().to_numpy().reshape(-1, dim)
+            matrix = vectors(batch, dim)
             digests = batch.column("sha256").to_pylist() if "sha256" in batch.schema.names else [None] * batch.num_rows
             for id_, uri, vector, digest in zip(batch.column("id").to_pylist(), batch.column("uri").to_pylist(),
                                                 matrix, digests):
@@ -217,16 +213,11 @@ def _read_rows(number_and_rows: tuple, files: Sequence[str]) -> Iterator[Embeddi
 def view_metadata(store: IndexStore, entries: Sequence[LogEntry]) -> dict[str, str]:
     """The embedding.* metadata (without the prefix) of the latest committed run's files; without runs, what
     index.json recorded at `create`, which is what every run's files carry."""
-    import pyarrow.parquet as pq
-
     runs = store.committed_runs(entries)
     files = store.run_files(runs[-1]) if runs else []
     if not files:
         return {k: str(v) for k, v in store.identity().items() if k not in ("format", "index_id", "created_at")}
-    with FileSystems.open(files[0], compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        metadata = pq.ParquetFile(f).schema_arrow.metadata or {}
-    return {k.decode()[len(METADATA_PREFIX):]: v.decode() for k, v in metadata.items()
-            if k.decode().startswith(METADATA_PREFIX)}
+    return file_metadata(files[0])
 
 
 class WriteSnapshot(beam.PTransform):

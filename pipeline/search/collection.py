@@ -12,11 +12,10 @@ from typing import Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline.embeddings_io import embedding_metadata, open_parquet, row_count, vectors
 from pipeline.preflight import metadata_differences
-from transforms.sink import METADATA_PREFIX
 
 BATCH_ROWS = 8192
 
@@ -62,25 +61,19 @@ class Collection:
     def parts(self) -> Iterator["Collection"]:
         """The collection as one collection per file (with rows to keep), in the order of `batches`; files
         without kept rows are left out."""
-        import pyarrow.parquet as pq
-
         for position, path in enumerate(self.files):
             if self.keep is not None:
                 mask = self.keep[position]
                 count = int(np.count_nonzero(mask))
             else:
-                with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-                    count, mask = pq.ParquetFile(f).metadata.num_rows, None
+                count, mask = row_count(path), None
             if count:
                 yield dataclasses.replace(self, described=path, files=(path,), count=count,
                                           keep=None if mask is None else (mask,))
 
     def _tables(self, wanted: tuple, rows: int) -> Iterator[pa.Table]:
-        import pyarrow.parquet as pq
-
         for position, path in enumerate(self.files):
-            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-                parquet = pq.ParquetFile(f, pre_buffer=False)  # pre-buffering a row group doubled peak memory
+            with open_parquet(path, pre_buffer=False) as parquet:
                 columns = [c for c in wanted if c in parquet.schema_arrow.names]
                 start = 0
                 for record_batch in parquet.iter_batches(batch_size=rows, columns=columns):
@@ -93,30 +86,20 @@ class Collection:
 
 
 def _to_batch(table: pa.Table, dim: int) -> Batch:
-    vectors = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     sha = table.column("sha256").to_pylist() if "sha256" in table.column_names else [None] * table.num_rows
-    return Batch(table.column("id").to_pylist(), table.column("uri").to_pylist(), sha,
-                 vectors.reshape(-1, dim).astype(np.float32, copy=False))
-
-
-def _embedding_metadata(schema: pa.Schema) -> dict:
-    return {k.decode()[len(METADATA_PREFIX):]: v.decode() for k, v in (schema.metadata or {}).items()
-            if k.decode().startswith(METADATA_PREFIX)}
+    return Batch(table.column("id").to_pylist(), table.column("uri").to_pylist(), sha, vectors(table, dim))
 
 
 def _read_footers(files: list) -> tuple[dict, int, int]:
     """The shared metadata, the total row count and the largest row group (uncompressed bytes); refuses files
     whose vectors are not comparable."""
-    import pyarrow.parquet as pq
-
     metadata, first, count, largest = None, None, 0, 0
     for path in files:
-        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            parquet = pq.ParquetFile(f)
+        with open_parquet(path) as parquet:
             count += parquet.metadata.num_rows
             largest = max([largest] + [parquet.metadata.row_group(g).total_byte_size
                                        for g in range(parquet.metadata.num_row_groups)])
-            this = _embedding_metadata(parquet.schema_arrow)
+            this = embedding_metadata(parquet.schema_arrow)
         if "embedding" not in parquet.schema_arrow.names or "dim" not in this:
             raise CollectionError(f"{path} is not an embeddings file of this pipeline (no embedding column or "
                                   f"embedding.dim metadata).")
