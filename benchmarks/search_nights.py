@@ -126,10 +126,10 @@ class Root:
     def commit(self, ids: list, stream: Stream) -> None:
         """Commits a run embedding `ids` with the stream's next vectors (written 100,000 at a time), then an
         update whose live ids are the view."""
-        from pipeline.index.store import new_name
+        from pipeline.storage import timestamped_name
         from transforms.sink import embeddings_schema
 
-        update, run = new_name(), new_name() + "-run"
+        update, run = timestamped_name(), timestamped_name() + "-run"
         seq, first = len(self.store.log()), stream.drawn
         if ids:
             folder = self.store.run_dir(run)

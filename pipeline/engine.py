@@ -14,15 +14,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import uuid
 from typing import Callable, Optional
 
 import numpy as np
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.models import MODELS
 from pipeline.options import ENGINES
+from pipeline.storage import read_bytes, write_bytes
 from transforms.embed import EmbedConfig, HubEmbedder, load_embedder
 
 # Max abs difference allowed between LiteRT's and TensorFlow's vectors, relative to the vectors' norm.
@@ -73,8 +72,7 @@ def verified_artifact(embed: EmbedConfig, fingerprint: str, cache: str) -> Optio
     """
     path = compiled_path(cache, fingerprint, embed.image_size)
     try:
-        with FileSystems.open(_verification_path(path), compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            verified = json.loads(f.read().decode("utf-8"))
+        verified = json.loads(read_bytes(_verification_path(path)).decode("utf-8"))
     except Exception:  # not compiled yet, or never verified
         return None
     if verified.get("relative_difference", 1.0) > RELATIVE_TOLERANCE or not FileSystems.exists(path):
@@ -83,9 +81,8 @@ def verified_artifact(embed: EmbedConfig, fingerprint: str, cache: str) -> Optio
 
 
 def _record_verification(path: str, difference: float) -> None:
-    with FileSystems.create(_verification_path(path), compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        f.write(json.dumps({"relative_difference": difference, "tolerance": RELATIVE_TOLERANCE,
-                            "probe_images": PROBE_IMAGES}).encode("utf-8"))
+    write_bytes(_verification_path(path), json.dumps({"relative_difference": difference, "tolerance": RELATIVE_TOLERANCE,
+                                                      "probe_images": PROBE_IMAGES}).encode("utf-8"))
 
 
 def compile_litert(reference: HubEmbedder, image_size: int, fingerprint: str, cache: str) -> str:
@@ -93,13 +90,9 @@ def compile_litert(reference: HubEmbedder, image_size: int, fingerprint: str, ca
     path = compiled_path(cache, fingerprint, image_size)
     if FileSystems.exists(path):
         return path
-    artifact = reference.to_litert()
     if not FileSystems.exists(cache):
         FileSystems.mkdirs(cache)
-    temporary = FileSystems.join(cache, f".tmp-{uuid.uuid4().hex}")
-    with FileSystems.create(temporary, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        f.write(artifact)
-    FileSystems.rename([temporary], [path])
+    write_bytes(path, reference.to_litert())
     return path
 
 

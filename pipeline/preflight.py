@@ -22,6 +22,7 @@ from pipeline.options import JobConfig
 from pipeline.outputs import FINISHED_MARKERS, PIPELINE_DONE, RUN_REPORT, is_finished_run, summarize_outputs
 from pipeline.standin_models import STANDIN_WARNING, standin_info
 from transforms.embed import EmbedConfig, HubEmbedder, ModelOutputError, load_embedder
+from transforms.uri_reader import has_glob
 
 # Said wherever a model cannot be had: how to run without a route to the hub.
 OFFLINE_HINT = (
@@ -192,7 +193,7 @@ def expand_previous_outputs(values) -> list[str]:
     """Each --skip_existing value is a run folder or a glob of run folders; a glob that finds none is an error."""
     folders = []
     for value in values:
-        if any(ch in value for ch in "*?["):
+        if has_glob(value):
             found = sorted({m.path.rsplit("/", 1)[0] for name in FINISHED_MARKERS
                             for m in FileSystems.match([FileSystems.join(value, name)])[0].metadata_list})
             if not found:

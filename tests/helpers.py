@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.index.store import IndexStore, new_name
+from pipeline.index.store import IndexStore
+from pipeline.storage import timestamped_name
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES = os.path.join(REPO, "samples")
@@ -300,7 +301,7 @@ class Nights:
         for id_ in leaving:
             del self.view[id_]
         self.view.update(zip(embedded, vectors))
-        update, seq = new_name(), len(self.store.log())
+        update, seq = timestamped_name(), len(self.store.log())
         if embedded:
             seq += 1
             commit_run(self.store, seq, update + "-run", update, [(i, f"gs://b/{i}.jpg") for i in embedded], vectors)

@@ -20,9 +20,9 @@ import pytest
 from helpers import REPO, direct_vectors, new_index, read_embeddings, tiles, vectors_by_id, write_manifest
 from pipeline.index.__main__ import main as index_main
 from pipeline.index.lease import LeaseBusy, LeaseLost, UpdateLease
-from pipeline.index.objects import Conflict
 from pipeline.index.store import CommitRefused, IndexStore
 from pipeline.models import MODELS
+from pipeline.storage import Conflict
 
 SIZE = MODELS["mobilenet_v2_130_224"].input_size
 

@@ -233,6 +233,15 @@ def test_an_image_that_keeps_exhausting_memory_ends_as_a_failure_row():
     assert result == Failure("big", "/big.png", "decode", "Ran out of memory decoding this image 3 times.")
 
 
+def test_an_image_whose_memory_frees_up_on_a_later_attempt_is_decoded():
+    from transforms import decode
+
+    pixels = np.zeros((32, 32, 3), np.uint8)
+    with mock.patch.object(decode, "decode_image", side_effect=[MemoryError(), MemoryError(), pixels]):
+        result = decode.decode_read_bytes(ImageRef("big", "/big.png"), b"x", PreprocessConfig(image_size=32))
+    assert result.id == "big" and result.pixels is pixels
+
+
 def test_environment_errors_of_the_model_fail_the_bundle_but_data_errors_do_not(mobilenet_handle):
     import tensorflow as tf
 

@@ -8,19 +8,19 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
-import gc
 import hashlib
 import io
 import threading
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.utils.windowed_value import WindowedValue
 
-from transforms.records import FAILED, DecodedImage, Failure, ImageRef, Stage, describe_exception
+from transforms.records import FAILED, DecodedImage, Failure, ImageRef, Stage, describe_exception, retry_out_of_memory
 from transforms.uri_reader import ReadConfig, ReadError, read_uri, settled_version
 
 SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
@@ -94,12 +94,12 @@ _ORIENTATIONS_BEFORE_RESIZE = (5, 6, 7, 8)  # the transposes and quarter turns
 _EXIF_ORIENTATION = 0x0112
 
 
-def decode_image(data: bytes, config: PreprocessConfig) -> np.ndarray:
-    """Decodes image bytes into uint8 [size, size, 3] RGB.
-
-    Pixel count is checked from the header before any pixel is allocated (decompression bombs).
-    """
-    from PIL import Image, ImageOps, UnidentifiedImageError
+@contextlib.contextmanager
+def _opened(data: bytes, config: PreprocessConfig, draft_side: int) -> Iterator:
+    """The first frame of the image in `data`, loaded, for the `with` block; ImageDecodeError when it is not a
+    supported, sane image. The pixel count is checked from the header before any pixel is allocated
+    (decompression bombs); JPEG decodes straight to the smallest DCT scale still `draft_side` in both sides."""
+    from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise ImageDecodeError("The file is empty (0 bytes).")
@@ -124,8 +124,7 @@ def decode_image(data: bytes, config: PreprocessConfig) -> np.ndarray:
         if width < 1 or height < 1:
             raise ImageDecodeError(f"The image declares an empty size {width}x{height}.")
         if image.format in ("JPEG", "MPO"):
-            # Decode straight to the smallest DCT scale still at least the target size in both sides.
-            image.draft(image.mode, (config.image_size, config.image_size))
+            image.draft(image.mode, (draft_side, draft_side))
         truncation.set(config.allow_truncated)
         try:
             image.load()
@@ -136,6 +135,14 @@ def decode_image(data: bytes, config: PreprocessConfig) -> np.ndarray:
             ) from None
         finally:
             truncation.reset()
+        yield image
+
+
+def decode_image(data: bytes, config: PreprocessConfig) -> np.ndarray:
+    """Decodes image bytes into uint8 [size, size, 3] RGB: the preprocessing, as `config.describe()` says."""
+    from PIL import Image, ImageOps
+
+    with _opened(data, config, config.image_size) as image:
         orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
         late_transpose = None
         upright = image  # exif_transpose would copy an upright image whole (5% of decode time, measured)
@@ -151,6 +158,17 @@ def decode_image(data: bytes, config: PreprocessConfig) -> np.ndarray:
         if late_transpose is not None:
             resized = resized.transpose(late_transpose)
         return np.asarray(resized if resized.mode == "RGB" else resized.convert("RGB"), dtype=np.uint8)
+
+
+def decode_thumbnail(data: bytes, side: int, config: PreprocessConfig):
+    """The image as a person should see it (a PIL RGB image fitted into side x side, its aspect kept), opened
+    and limited as `decode_image` opens images, with the same orientation and background."""
+    from PIL import Image, ImageOps
+
+    with _opened(data, config, side) as image:
+        upright = to_rgb_or_grey(ImageOps.exif_transpose(image), config.background).convert("RGB")
+    upright.thumbnail((side, side), Image.Resampling.BICUBIC)
+    return upright
 
 
 _SIGNATURES = ((b"%PDF", "a PDF document"), (b"PK\x03\x04", "a ZIP archive"), (b"\x1f\x8b", "gzip-compressed data"),
@@ -213,10 +231,6 @@ def _high_depth_to_uint8(image) -> np.ndarray:
     return out
 
 
-# Attempts at one image that keeps running out of memory before it is reported instead of retried.
-MEMORY_ATTEMPTS = 3
-
-
 def _read_bytes(ref: ImageRef, read: ReadConfig) -> Union[bytes, Failure]:
     if ref.data is not None:
         return ref.data
@@ -235,20 +249,15 @@ def decode_read_bytes(ref: ImageRef, data: bytes, preprocess: PreprocessConfig,
     """Decoded pixels or a decode Failure; an image that keeps exhausting memory is reported, not retried forever.
 
     A failure of the bytes themselves carries `version()`, the object's version (a memory failure does not)."""
-    for attempt in range(1, MEMORY_ATTEMPTS + 1):
-        try:
-            return DecodedImage(ref.id, ref.uri, decode_image(data, preprocess), hashlib.sha256(data).hexdigest())
-        except ImageDecodeError as exc:
-            return Failure(ref.id, ref.uri, Stage.DECODE, str(exc), version())
-        except MemoryError:
-            gc.collect()  # other images' memory may free up; a deterministic blow-up ends as a failure row
-            if attempt == MEMORY_ATTEMPTS:
-                return Failure(ref.id, ref.uri, Stage.DECODE,
-                               f"Ran out of memory decoding this image {MEMORY_ATTEMPTS} times.")
-        except Exception as exc:  # corrupt files make PIL raise many types; each is this input's fault
-            return Failure(ref.id, ref.uri, Stage.DECODE, f"The image could not be decoded ({describe_exception(exc)}).",
-                           version())
-    raise AssertionError("unreachable")
+    try:
+        return retry_out_of_memory(
+            lambda: DecodedImage(ref.id, ref.uri, decode_image(data, preprocess), hashlib.sha256(data).hexdigest()),
+            ref, Stage.DECODE, "decoding")
+    except ImageDecodeError as exc:
+        return Failure(ref.id, ref.uri, Stage.DECODE, str(exc), version())
+    except Exception as exc:  # corrupt files make PIL raise many types; each is this input's fault
+        return Failure(ref.id, ref.uri, Stage.DECODE, f"The image could not be decoded ({describe_exception(exc)}).",
+                       version())
 
 
 class DecodeImagesFn(beam.DoFn):

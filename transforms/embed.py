@@ -25,7 +25,7 @@ from transforms.model_contract import (  # noqa: F401 (VERBOSE_ENV and the error
     check_output,
     native_stderr_muted,
 )
-from transforms.records import FAILED, DecodedImage, Failure, Stage, describe_exception
+from transforms.records import FAILED, DecodedImage, Failure, Stage, describe_exception, retry_out_of_memory
 
 
 def import_tensorflow():
@@ -46,10 +46,6 @@ class Embedding(NamedTuple):
 
 # TensorFlow errors that say nothing about the images (tf.errors class names).
 _ENVIRONMENT_ERRORS = ("ResourceExhaustedError", "InternalError", "UnavailableError", "AbortedError", "DataLossError")
-
-# Attempts at one image whose model call keeps running out of memory before it is reported.
-MEMORY_ATTEMPTS = 3
-
 
 @dataclasses.dataclass(frozen=True)
 class EmbedConfig:
@@ -216,20 +212,13 @@ class DecodedImagesModelHandler(EmbeddingModelHandler):
 
     @staticmethod
     def _embed_alone(image: DecodedImage, model) -> Union[Embedding, Failure]:
-        for attempt in range(1, MEMORY_ATTEMPTS + 1):
-            try:
-                return _finite(image, model(image.pixels[np.newaxis])[0])
-            except (ModelOutputError, ModelEnvironmentError):
-                raise
-            except MemoryError:
-                gc.collect()
-                if attempt == MEMORY_ATTEMPTS:
-                    return Failure(image.id, image.uri, Stage.EMBED,
-                                   f"Ran out of memory embedding this image {MEMORY_ATTEMPTS} times.")
-            except Exception as exc:
-                return Failure(image.id, image.uri, Stage.EMBED,
-                               f"The model failed on this image ({describe_exception(exc)}).")
-        raise AssertionError("unreachable")
+        try:
+            return retry_out_of_memory(lambda: _finite(image, model(image.pixels[np.newaxis])[0]),
+                                       image, Stage.EMBED, "embedding")
+        except (ModelOutputError, ModelEnvironmentError):
+            raise
+        except Exception as exc:
+            return Failure(image.id, image.uri, Stage.EMBED, f"The model failed on this image ({describe_exception(exc)}).")
 
     def get_num_bytes(self, batch: Sequence[DecodedImage]) -> int:
         return sum(image.pixels.nbytes for image in batch)

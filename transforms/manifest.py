@@ -28,6 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from transforms.records import describe_exception
 from transforms.row_checks import id_problem, uri_problem, writable
+from transforms.uri_reader import has_glob
 
 MANIFEST_EXTENSIONS = (".txt", ".csv", ".tsv", ".jsonl", ".parquet")
 MAX_LINE_BYTES = 1 << 20
@@ -348,7 +349,7 @@ class ReadManifest(beam.PTransform):
                 | "Spread" >> beam.Reshuffle()
                 | "ReadRowGroup" >> beam.FlatMap(_read_parquet_row_group)
             )
-        if any(ch in self._path for ch in "*?["):
+        if has_glob(self._path):
             # Beam's sources take a glob and cannot quote its characters: read this one file whole.
             lines = pbegin | "Manifest" >> beam.Create([self._path]) | "ReadLines" >> beam.FlatMap(_all_lines)
         else:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import gc
+from typing import Callable, NamedTuple, Optional, TypeVar, Union
 
 import numpy as np
 
 # Tag of the side output on which a stage emits the inputs it could not process.
 FAILED = "failed"
+# Attempts at one input that keeps running out of memory before it is reported instead of retried.
+MEMORY_ATTEMPTS = 3
+T = TypeVar("T")
 
 
 class Stage:
@@ -49,6 +53,18 @@ class Failure(NamedTuple):
     # For a failure the bytes alone decide (they do not decode): the object's version then (settled_version);
     # an index does not read that (id, uri) again while its version stays the same.
     bytes_version: Optional[str] = None
+
+
+def retry_out_of_memory(attempt: Callable[[], T], item, stage: str, doing: str) -> Union[T, "Failure"]:
+    """`attempt()`, called again after a MemoryError (other inputs' memory may free up) up to MEMORY_ATTEMPTS
+    times; then `item`'s Failure at `stage`, so that a deterministic blow-up costs one row, not the bundle.
+    Every other exception is the caller's to classify."""
+    for _ in range(MEMORY_ATTEMPTS):
+        try:
+            return attempt()
+        except MemoryError:
+            gc.collect()
+    return Failure(item.id, item.uri, stage, f"Ran out of memory {doing} this image {MEMORY_ATTEMPTS} times.")
 
 
 def describe_exception(exc: BaseException) -> str:

@@ -33,9 +33,8 @@ from transforms.manifest import (
 )
 from transforms.records import FAILED, Failure, ImageRef, Stage, plural
 from transforms.tfrecord import KeptImages, TFRecordFeatures, read_tfrecord_file
-from transforms.uri_reader import ReadConfig
+from transforms.uri_reader import ReadConfig, has_glob
 
-GLOB_CHARACTERS = "*?["
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 SKIPPED_COUNTER = "skipped_existing"
 SKIPPED = "skipped"  # tag of the ids skipped because an earlier run embedded them
@@ -51,20 +50,16 @@ def input_kind(path: str) -> str:
     lower = os.path.basename(path.rstrip("/")).lower()
     if _is_directory(path):
         return "directory"
-    if lower.endswith(MANIFEST_EXTENSIONS) and (not _has_glob(path) or FileSystems.exists(path)):
+    if lower.endswith(MANIFEST_EXTENSIONS) and (not has_glob(path) or FileSystems.exists(path)):
         return "manifest"
     if ".tfrecord" in lower:
         return "tfrecord"
-    if _has_glob(path) or (has_image_extension(path) and FileSystems.exists(path)):
+    if has_glob(path) or (has_image_extension(path) and FileSystems.exists(path)):
         return "glob"  # a single image file is a glob that matches itself
     raise ManifestError(
         f"--input {path} is not a folder, a glob, TFRecord files or a manifest ({', '.join(MANIFEST_EXTENSIONS)})."
         + ("" if FileSystems.exists(path) else " It does not exist.")
     )
-
-
-def _has_glob(path: str) -> bool:
-    return any(ch in path for ch in GLOB_CHARACTERS)
 
 
 def glob_variants(pattern: str) -> list[str]:

@@ -26,6 +26,8 @@ HTTP_SCHEMES = ("http", "https")
 _MAX_REDIRECTS = 5
 _MAX_RETRY_AFTER_S = 60.0
 _CHUNK = 1 << 16
+# What Beam's FileSystems.match takes as a glob; it has no way to quote them, so a name holding one is read whole.
+GLOB_CHARACTERS = "*?["
 
 # google.api_core exception names (checked by name, so the gcp extra stays optional).
 _NOT_FOUND = ("NotFound",)
@@ -64,6 +66,11 @@ def scheme_of(uri: str) -> str:
     except ValueError:
         return ""
     return "" if len(scheme) == 1 else scheme
+
+
+def has_glob(path: str) -> bool:
+    """Whether Beam would take `path` as a glob rather than one name."""
+    return any(ch in path for ch in GLOB_CHARACTERS)
 
 
 def read_uri(uri: str, config: ReadConfig = ReadConfig()) -> bytes:

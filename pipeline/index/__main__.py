@@ -30,7 +30,6 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipeline.index.lease import LeaseBusy, LeaseLost, live_holder
-from pipeline.index.objects import StoreError, UnsupportedStore
 from pipeline.index.store import CommitRefused, IndexCorrupt, IndexRefused, IndexStore, now_iso
 from pipeline.index.update import DEFAULT_MAX_REMOVED, RemovalLimit, update_index
 from pipeline.index.view import WriteSnapshot, index_status
@@ -47,12 +46,14 @@ from pipeline.options import (
 )
 from pipeline.outputs import RUN_REPORT, earlier_results, prepare_output_dir, summarize_outputs
 from pipeline.preflight import metadata_differences, output_metadata
-from pipeline.publish.sync import DEFAULT_ANN_MIN_ROWS, DEFAULT_TABLE, PublishFailed, PublishRefused, target_for
+from pipeline.publish.state import PublishFailed, PublishRefused
+from pipeline.publish.sync import DEFAULT_ANN_MIN_ROWS, DEFAULT_TABLE, target_for
 from pipeline.publish.sync import publish as publish_view
 from pipeline.report import software_versions
 from pipeline.run import PREFLIGHT_ERRORS, JobFailed, check_workers_reach, choose_engine, run
 from pipeline.runtime import configure_logging, is_local_runner
 from pipeline.standin_models import STANDIN_WARNING
+from pipeline.storage import StoreError, UnsupportedStore
 from transforms.records import plural
 from transforms.source import input_kind, plan_input
 

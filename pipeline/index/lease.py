@@ -21,7 +21,7 @@ import time
 import uuid
 from typing import Optional
 
-from pipeline.index.objects import Conflict, StoreError, Version
+from pipeline.storage import Conflict, StoreError, Version
 
 LEASE_S = 120.0
 HEARTBEAT_S = 20.0

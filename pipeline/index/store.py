@@ -3,7 +3,7 @@
     ROOT/index.json                 the model and preprocessing every vector of the index is made with, and a
                                     random index_id that copies of the index keep (`create`)
     ROOT/log/000000001.json ...     the commit log, entries numbered 1, 2, 3, ... without gaps, each created once
-                                    by a conditional create (objects.py), so two writers never both commit N:
+                                    by a conditional create (pipeline/storage.py), so two writers never both commit N:
                                     {"kind": "begin", "update": NAME}: an update started (and fenced off any
                                         older holder of the lease: its next commit would need this number)
                                     {"kind": "run", "run": NAME, ...}: runs/NAME finished and counts
@@ -26,7 +26,7 @@ import json
 import uuid
 from typing import Optional, Sequence
 
-from pipeline.index.objects import Conflict, objects_for
+from pipeline.storage import Conflict, objects_for
 
 IDENTITY = "index.json"
 FORMAT_VERSION = 1
@@ -47,11 +47,6 @@ class IndexCorrupt(RuntimeError):
 
 def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def new_name() -> str:
-    """A sortable, unique name for an update."""
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,9 +15,10 @@ from typing import Callable, Optional, Sequence
 
 from pipeline.index.lease import UpdateLease
 from pipeline.index.plan import PlanCounts, failed_for_good, plan_update, write_chunks
-from pipeline.index.store import IndexRefused, IndexStore, LogEntry, new_name
+from pipeline.index.store import IndexRefused, IndexStore, LogEntry
 from pipeline.index.view import ViewChanges, changes_since
 from pipeline.options import JobConfig
+from pipeline.storage import timestamped_name
 from transforms import crashpoints
 from transforms.records import plural
 
@@ -118,7 +119,7 @@ def update_index(
     say: Callable[[str], None] = print,
 ) -> UpdateOutcome:
     """Makes the index match `config.input`; `run(config, beam_args)` embeds one chunk (pipeline.run's run)."""
-    name = new_name()
+    name = timestamped_name()
     with UpdateLease(store.objects, store.path("locks"), name) as lease:
         entries = store.log()
         if lease.taken_over:

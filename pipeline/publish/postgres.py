@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 import numpy as np
 import pyarrow as pa
 
-from pipeline.publish.sync import PublishFailed, PublishRefused, PublishState
+from pipeline.publish.state import PublishFailed, PublishRefused, PublishState
 from pipeline.search.collection import Batch
 from transforms import crashpoints
 

@@ -11,7 +11,8 @@ import dataclasses
 import io
 from typing import Optional, Sequence
 
-from transforms.decode import to_rgb_or_grey
+from pipeline.storage import write_bytes
+from transforms.decode import PreprocessConfig, decode_thumbnail
 from transforms.uri_reader import ReadConfig, read_uri
 
 THUMB = 128  # the square each thumbnail is fitted into
@@ -23,6 +24,7 @@ BACKGROUND = (255, 255, 255)
 WARNING = (200, 0, 0)
 UNREADABLE = (160, 160, 160)
 READ_THREADS = 16
+THUMBNAILS = PreprocessConfig(image_size=THUMB, background=BACKGROUND)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,17 +75,12 @@ def tile_box(row: int, column: int) -> tuple:
 
 
 def _thumbnail(uri: Optional[str], read: ReadConfig):
-    """The image fitted into THUMB x THUMB (aspect kept), or None when it cannot be read or decoded."""
-    from PIL import Image, ImageOps
-
+    """The image fitted into THUMB x THUMB (aspect kept), or None when it cannot be read or decoded (or is over
+    the pipeline's pixel limit: a decompression bomb among the hits must not take the sheet down)."""
     if uri is None:
         return None
     try:
-        with Image.open(io.BytesIO(read_uri(uri, read))) as image:
-            image.draft("RGB", (THUMB, THUMB))
-            upright = to_rgb_or_grey(ImageOps.exif_transpose(image), BACKGROUND).convert("RGB")  # 16-bit scaled
-            upright.thumbnail((THUMB, THUMB), Image.Resampling.BICUBIC)
-            return upright
+        return decode_thumbnail(read_uri(uri, read), THUMB, THUMBNAILS)
     except Exception:  # unreadable or undecodable: the tile says so
         return None
 
@@ -106,8 +103,6 @@ def draw_contact_sheet(rows: Sequence[Sequence[Tile]], path: str, read: ReadConf
                        warning: Optional[str] = None) -> None:
     """Writes a PNG at `path` (local or any Beam filesystem) with one row per entry of `rows` (wrapped after
     MAX_COLUMNS tiles), and `warning` in red under them: a sheet gets shared without the command's output."""
-    from apache_beam.io.filesystem import CompressionTypes
-    from apache_beam.io.filesystems import FileSystems
     from PIL import Image, ImageDraw, ImageFont
 
     rows = _wrapped(rows)
@@ -136,5 +131,4 @@ def draw_contact_sheet(rows: Sequence[Sequence[Tile]], path: str, read: ReadConf
                           fill=(0, 0, 0), font=font)
     buffer = io.BytesIO()
     sheet.save(buffer, "PNG")
-    with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        f.write(buffer.getvalue())
+    write_bytes(path, buffer.getvalue())

@@ -26,7 +26,6 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.runner import PipelineState
@@ -45,7 +44,6 @@ from pipeline.search.store import (
     refuse_repeated_ids,
     save_index_files,
     search_manifest,
-    upload_file,
 )
 from pipeline.search.vector_index import (
     TRUTH_DEPTH,
@@ -59,6 +57,7 @@ from pipeline.search.vector_index import (
     plan_build,
     start_filling,
 )
+from pipeline.storage import read_bytes, upload
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +95,7 @@ def _repeated_name(generation: str) -> str:
 
 
 def _read(root: str, name: str) -> bytes:
-    with FileSystems.open(FileSystems.join(root, name), compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        return f.read()
+    return read_bytes(FileSystems.join(root, name))
 
 
 @contextlib.contextmanager
@@ -110,7 +108,7 @@ def _writing(root: str, name: str) -> Iterator[str]:
     os.close(handle)
     try:
         yield local
-        upload_file(local, FileSystems.join(root, name))
+        upload(local, FileSystems.join(root, name))
     finally:
         os.remove(local)
 

@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.fingerprint import model_fingerprint
-from pipeline.search.store import SearchIndex, write_bytes, write_parquet
+from pipeline.search.store import SearchIndex, write_parquet
+from pipeline.storage import write_bytes
 from transforms.decode import RESIZE_MODES, TRUNCATED_HINT, PreprocessConfig, decode_read_bytes
 from transforms.records import Failure, ImageRef, Stage
 from transforms.uri_reader import ReadConfig, ReadError, read_uri

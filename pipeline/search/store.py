@@ -26,17 +26,25 @@ import os
 import re
 import shutil
 import tempfile
-import uuid
 from typing import Callable, Optional
 
 import numpy as np
 import pyarrow as pa
-from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.search.collection import Collection, CollectionError
 from pipeline.search.items import Items, ItemsWriter
 from pipeline.search.vector_index import METRIC, TopK, VectorIndex, build, choose_layout, import_faiss
+from pipeline.storage import (
+    Conflict,
+    UnsupportedStore,
+    download,
+    objects_for,
+    read_bytes,
+    timestamped_name,
+    upload,
+    write_bytes,
+)
 from transforms.crashpoints import reach
 
 MANIFEST, VECTORS, ITEMS = "search.json", "vectors.faiss", "items.parquet"
@@ -44,7 +52,6 @@ FORMAT = 2
 READS = (1, 2)  # format 1: one items file, fixed or named; no updates recorded
 GENERATION = re.compile(r"^(vectors|items|exact|removed|truth)-(\d{8}T\d{6}Z)-[0-9a-f]{6}\.")
 ORPHAN_AGE = 600  # seconds: files of a generation that started this long before the manifest's can never publish
-COPY_BLOCK = 64 << 20
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "beam-image-embeddings", "search")
 
 
@@ -69,11 +76,6 @@ class SearchIndex:
         return self.items.rows_of(ids)
 
 
-def write_bytes(path: str, data: bytes) -> None:
-    with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        f.write(data)
-
-
 def write_parquet(table: pa.Table, path: str) -> None:
     """`table` as one Parquet file at `path`, local or on any Beam filesystem."""
     import pyarrow.parquet as pq
@@ -83,16 +85,12 @@ def write_parquet(table: pa.Table, path: str) -> None:
     write_bytes(path, sink.getvalue().to_pybytes())
 
 
-def generation_name() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-
-
 class Generation:
     """The new files of one build or update: written in a local folder (the index itself, or a scratch folder
     uploaded from for a remote one), then made the index by `publish`."""
 
     def __init__(self, root: str):
-        self.root, self.name = root.rstrip("/"), generation_name()
+        self.root, self.name = root.rstrip("/"), timestamped_name()
         self.remote = "://" in self.root
         if not FileSystems.exists(self.root):
             FileSystems.mkdirs(self.root)
@@ -108,7 +106,7 @@ class Generation:
     def upload(self) -> None:
         if self.remote:
             for name in self.files:
-                upload_file(os.path.join(self.local, name), FileSystems.join(self.root, name))
+                upload(os.path.join(self.local, name), FileSystems.join(self.root, name))
 
     def discard(self) -> None:
         for name in self.files:
@@ -262,11 +260,6 @@ def refuse_repeated_ids(prints, items_paths: list, collection: Collection) -> No
                 f"or --index ROOT.")
 
 
-def upload_file(local: str, path: str) -> None:
-    with open(local, "rb") as source, FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        shutil.copyfileobj(source, f, COPY_BLOCK)
-
-
 def local_copy(root: str, name: str) -> str:
     """A local path of ROOT/NAME: the file itself, or for a remote index a copy in the cache (fetched once)."""
     if "://" not in root:
@@ -277,16 +270,11 @@ def local_copy(root: str, name: str) -> str:
     remote = FileSystems.join(root, name)
     size = FileSystems.match([remote])[0].metadata_list[0].size_in_bytes
     if not (os.path.exists(path) and os.path.getsize(path) == size):
-        os.makedirs(folder, exist_ok=True)
-        partial = f"{path}.partial-{os.getpid()}"
-        with FileSystems.open(remote, compression_type=CompressionTypes.UNCOMPRESSED) as f, open(partial, "wb") as out:
-            shutil.copyfileobj(f, out, COPY_BLOCK)
-        os.replace(partial, path)
+        download(remote, path)
     return path
 
 
 def _objects(path: str):
-    from pipeline.index.objects import UnsupportedStore, objects_for
 
     try:
         return objects_for(path)
@@ -308,13 +296,11 @@ def _manifest_version(path: str):
         return objects.read(path)
     if not FileSystems.exists(path):
         return None
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-        return _Read(f.read())
+    return _Read(read_bytes(path))
 
 
 def _publish(path: str, data: bytes, replacing: Optional[object]) -> None:
     """Writes the manifest in one atomic step, only over the version `replacing` (or only if there is none)."""
-    from pipeline.index.objects import Conflict
 
     objects = _objects(path)
     if objects is None:

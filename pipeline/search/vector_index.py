@@ -26,6 +26,8 @@ import numpy as np
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from pipeline.storage import write_bytes
+
 KINDS = ("auto", "exact", "ann", "compressed")
 METRIC = "cosine similarity: inner product of L2-normalised vectors"
 EXACT_UP_TO = 100_000  # auto: below this, exact search answers a query in milliseconds
@@ -370,8 +372,7 @@ class VectorIndex:
         if "://" not in path:
             faiss.write_index(self.index, path)
             return
-        with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-            f.write(faiss.serialize_index(self.index).tobytes())
+        write_bytes(path, faiss.serialize_index(self.index).tobytes())
 
     @classmethod
     def load(cls, path: str, kind: str, params: dict, stored: Optional[list] = None,

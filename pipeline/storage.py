@@ -1,7 +1,16 @@
-"""The few object-store operations an index's safety rests on, done the way the store guarantees them.
+"""Storage: every write the project makes that must be whole or conditional, and the names it writes under.
+
+On any filesystem Beam writes (local, gs://, s3://, ...):
+
+    read_bytes(path)            one object's bytes
+    write_bytes(path, data)     one object, whole (an object store's upload is atomic; locally a temp file
+                                renamed into place, so a reader or a crash never sees half of it)
+    upload(local, path)         a local file to `path`, the same way; download(path, local) the other way
+    timestamped_name()          a sortable, unique name for a generation of files (UTC time + random suffix)
 
 Beam's FileSystems has no create-if-absent, no compare-and-swap and listings that may hide errors (a local
-glob skips folders it cannot read). The index's commit log, identity and lease go through this module:
+glob skips folders it cannot read). The index's commit log, identity and lease, and a search index's manifest,
+go through `objects_for(root)`:
 
     read(path)                  -> Version (bytes, generation, the store's time of the write) or None if not found
     create(path, data)          -> Version; Conflict when the object exists    (GCS ifGenerationMatch=0; local link)
@@ -18,12 +27,85 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import fcntl
 import functools
 import os
 import shutil
 import uuid
-from typing import Iterator, Optional
+from typing import BinaryIO, Iterator, Optional
+
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+COPY_BLOCK = 64 << 20
+
+
+def timestamped_name() -> str:
+    """A name that sorts by creation time (to the second, UTC) and is unique among writers at the same second."""
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def _local_path(path: str) -> str:
+    return path[len("file://"):] if path.startswith("file://") else path
+
+
+def _write_temporary(folder: str, fill) -> str:
+    """Calls `fill(file)` on a fresh temporary file in the local `folder` and syncs it to disk; returns its path.
+    The name starts with a dot, so listings and dataset readers skip it."""
+    os.makedirs(folder, exist_ok=True)
+    temporary = os.path.join(folder, f".tmp-{uuid.uuid4().hex}")
+    try:
+        with open(temporary, "wb") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    return temporary
+
+
+def _write_stream(path: str, fill) -> None:
+    """Calls `fill(file)` to write `path` whole: locally into a temporary file beside it, then renamed; elsewhere
+    into the store's own upload, which makes the object visible only once it is complete."""
+    if _is_local(path):
+        path = os.path.abspath(_local_path(path))
+        os.replace(_write_temporary(os.path.dirname(path), fill), path)
+        return
+    with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        fill(f)
+
+
+def read_bytes(path: str) -> bytes:
+    """The whole object at `path`, on any filesystem Beam reads."""
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        return f.read()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """`data` as the whole object at `path`, replacing any earlier one; a reader sees the old one or this one."""
+    _write_stream(path, lambda f: f.write(data))
+
+
+def upload(local: str, path: str) -> None:
+    """The local file `local` as the whole object at `path`."""
+    with open(local, "rb") as source:
+        _write_stream(path, lambda f: shutil.copyfileobj(source, f, COPY_BLOCK))
+
+
+def download(path: str, local: str) -> None:
+    """The object at `path` as the local file `local`, which appears only once complete."""
+    def copy(out: BinaryIO) -> None:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as source:
+            shutil.copyfileobj(source, out, COPY_BLOCK)
+
+    _write_stream(local, copy)
 
 
 class Conflict(Exception):
@@ -92,14 +174,7 @@ class LocalObjects:
 
     def _write_new(self, path: str, data: bytes) -> str:
         """Writes `data` completely under a fresh name beside `path`; returns that name."""
-        folder = os.path.dirname(path)
-        os.makedirs(folder, exist_ok=True)
-        temporary = os.path.join(folder, f".tmp-{uuid.uuid4().hex}")
-        with open(temporary, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        return temporary
+        return _write_temporary(os.path.dirname(path), lambda f: f.write(data))
 
     @_reported("Writing")
     def create(self, path: str, data: bytes) -> Version:
