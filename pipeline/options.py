@@ -8,17 +8,16 @@ import difflib
 from typing import Optional, Sequence
 
 from pipeline.models import CUSTOM_MODEL, MODELS, ModelSpec, resolve_model
+from transforms.decode import RESIZE_MODES, PreprocessConfig
+from transforms.embed import EmbedConfig
+from transforms.tfrecord import TFRecordFeatures
+from transforms.uri_reader import ReadConfig
 
 ENGINES = ("auto", "tensorflow", "litert")
 # Images per model call when --batch_size is not given, measured per engine on CPU (benchmarks/engine_alone.py):
 # LiteRT/XNNPACK is fastest and smallest at 8 (MobileNet: 145 img/s and 328 MB against 128 img/s and 556 MB at 32),
 # TensorFlow/oneDNN at 32.
 DEFAULT_BATCH = {"tensorflow": 32, "litert": 8}
-from transforms.decode import RESIZE_MODES, PreprocessConfig
-from transforms.embed import EmbedConfig
-from transforms.tfrecord import TFRecordFeatures
-from transforms.uri_reader import ReadConfig
-
 DEFAULT_MODEL = "mobilenet_v2_130_224"
 
 
