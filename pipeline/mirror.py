@@ -15,6 +15,7 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipeline.fingerprint import model_fingerprint, model_folder
+from pipeline.storage import write_bytes
 
 MIRROR_RECORD = "mirror.json"
 _CHUNK = 1 << 22
@@ -37,8 +38,8 @@ def mirror_model(handle: str, destination: str) -> str:
     copied = model_fingerprint(destination)
     if copied != expected:
         raise RuntimeError(f"The copy at {destination} has fingerprint {copied}, the source {expected}: copy again.")
-    with FileSystems.create(FileSystems.join(destination, MIRROR_RECORD)) as f:
-        f.write(json.dumps({"source": handle, "fingerprint": expected}, indent=2).encode("utf-8"))
+    write_bytes(FileSystems.join(destination, MIRROR_RECORD),
+                json.dumps({"source": handle, "fingerprint": expected}, indent=2).encode("utf-8"))
     return expected
 
 

@@ -62,6 +62,7 @@ from pipeline.runtime import (
     with_thread_defaults,
     workers_on_this_machine,
 )
+from pipeline.storage import write_bytes
 from transforms.embed import EmbedConfig
 from transforms.records import Stage
 from transforms.sink import remove_partial_outputs
@@ -187,8 +188,7 @@ def run(config: JobConfig, beam_args: Sequence[str], announce: bool = True) -> d
         "metrics": metrics,
         "versions": software_versions(),
     }
-    with FileSystems.create(FileSystems.join(config.output_dir, RUN_REPORT)) as f:
-        f.write(json.dumps(report, indent=2).encode())
+    write_bytes(FileSystems.join(config.output_dir, RUN_REPORT), json.dumps(report, indent=2).encode())
     return report
 
 

@@ -53,7 +53,7 @@ from pipeline.report import software_versions
 from pipeline.run import PREFLIGHT_ERRORS, JobFailed, check_workers_reach, choose_engine, run
 from pipeline.runtime import configure_logging, is_local_runner
 from pipeline.standin_models import STANDIN_WARNING
-from pipeline.storage import StoreError, UnsupportedStore
+from pipeline.storage import StoreError, UnsupportedStore, write_bytes
 from transforms.records import plural
 from transforms.source import input_kind, plan_input
 
@@ -299,8 +299,7 @@ def snapshot(argv: Sequence[str]) -> int:
     summary = summarize_outputs(output)
     report = {"kind": "snapshot", "index": store.root, "log_entries": len(entries), "started_at": started,
               "finished_at": now_iso(), "counts": {"embedded": summary.embedded}, "versions": software_versions()}
-    with FileSystems.create(FileSystems.join(output, RUN_REPORT)) as f:
-        f.write(json.dumps(report, indent=2).encode())
+    write_bytes(FileSystems.join(output, RUN_REPORT), json.dumps(report, indent=2).encode())
     print(f"Snapshot of {store.root}: {plural(summary.embedded, 'vector')} in {output}/embeddings-*.parquet")
     return 0
 
