@@ -42,7 +42,7 @@ COPY_BLOCK = 64 << 20
 
 
 def timestamped_name() -> str:
-    """A name that sorts by creation time (to the second, UTC) and is unique among writers at the same second."""
+    """A name that sorts by creation time (to the second, UTC); 24 random bits tell apart writers in one second."""
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
